@@ -8,10 +8,13 @@ from .bits import describe_error_code
 class PageFault(Exception):
     """#PF: ``address`` goes to CR2, ``error_code`` is pushed on the stack."""
 
-    def __init__(self, address: int, error_code: int):
+    def __init__(self, address: int, error_code: int, entries: tuple = ()):
         super().__init__(address, error_code)
         self.address = address
         self.error_code = error_code
+        # ((level, entry address, value), ...) read by the walk up to the one that
+        # faulted (for a protection fault: all of them).  For narration only.
+        self.entries = entries
 
     def __str__(self) -> str:
         return f"#PF at {self.address:#x}, error code {describe_error_code(self.error_code)}"

@@ -67,26 +67,34 @@ def check_canonical(cpu: CpuState, vaddr: int) -> int:
     return vaddr
 
 
-def _check_access(access: int) -> None:
-    if access & ~(ACC_WRITE | ACC_USER | ACC_FETCH | ACC_IMPLICIT) or (
-            access & ACC_FETCH and access & ACC_WRITE) or (access & ACC_IMPLICIT and access & ACC_USER):
-        raise ValueError(f"invalid access flags {access:#x}")
+_VALID_ACCESS = ACC_WRITE | ACC_USER | ACC_FETCH | ACC_IMPLICIT
 
 
 def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool = True) -> Translation:
     """Walk the paging structures for ``vaddr`` and return its Translation or raise
     ``PageFault``.  ``access`` is a combination of ACC_WRITE, ACC_USER, ACC_FETCH and
     ACC_IMPLICIT.  ``set_ad=False`` walks without writing A/D (a debugger's view)."""
-    _check_access(access)
+    if access & ~_VALID_ACCESS or (access & ACC_FETCH and access & ACC_WRITE) or (
+            access & ACC_IMPLICIT and access & ACC_USER):
+        raise ValueError(f"invalid access flags {access:#x}")
     mode = cpu.mode
     if mode is PagingMode.NONE:
         if not 0 <= vaddr < 1 << 32:
             raise ValueError(f"linear address {vaddr:#x} does not fit in 32 bits")
         return Translation(vaddr, vaddr, 12, True, True, True, 0, False, False, ())
-    check_canonical(cpu, vaddr)
-
     fmt = cpu.format
+    va_bits = fmt.va_bits
+    if va_bits > 32:
+        top = vaddr >> (va_bits - 1)
+        if top and top != (1 << (65 - va_bits)) - 1:
+            raise NonCanonicalAddress(vaddr, va_bits)
+    elif not 0 <= vaddr < 1 << 32:
+        raise ValueError(f"linear address {vaddr:#x} does not fit in 32 bits")
+
     wide = fmt.entry_size == 8
+    frames = mem._frames            # pfn -> (bytes, u64 view, u32 view); see PhysicalMemory
+    view = 1 if wide else 2
+    entry_shift = 3 if wide else 2
     entries = []
     # Effective rights, accumulated by AND.  NX is inverted first so that it ANDs
     # like W and U: bit 63 of `rights` ends up set only if no level has NX.
@@ -94,71 +102,67 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
     err_base = access & (ACC_WRITE | ACC_USER)
     if access & ACC_FETCH and cpu.report_id:
         err_base |= ACC_FETCH
+    rows = cpu.rows
 
     if mode is PagingMode.PAE:
         i = (vaddr >> 30) & 3
         pdpte = cpu.pdptes[i]
         entries.append((3, cpu.pdpte_addrs[i], pdpte))
         if not pdpte & PTE_P:
-            raise PageFault(vaddr, err_base)
-        table = (pdpte & cpu.rows[0][5]) >> 12
+            raise PageFault(vaddr, err_base, tuple(entries))
+        table = (pdpte & rows[0][5]) >> 12
     else:
-        table = (cpu.cr3 & (cpu.rows[0][5] if wide else 0xFFFFF000)) >> 12
+        table = (cpu.cr3 & rows[0][5]) >> 12
 
-    leaf_shift = 12
-    leaf_addr = leaf_value = 0
-    for level, shift, idx_mask, rsvd_table, rsvd_page, addr_mask in cpu.rows:
+    for level, shift, idx_mask, rsvd_table, rsvd_page, addr_mask in rows:
         idx = (vaddr >> shift) & idx_mask
-        words = mem.qwords(table) if wide else mem.dwords(table)
-        e = words[idx]
-        eaddr = (table << 12) | (idx << (3 if wide else 2))
+        f = frames.get(table)
+        e = f[view][idx] if f is not None else (mem.qwords(table) if wide else mem.dwords(table))[idx]
         if not e & PTE_P:
-            raise PageFault(vaddr, err_base)
-        is_page = level == 1 or (e & PTE_PS and rsvd_page >= 0)
-        if e & (rsvd_page if is_page and level > 1 else rsvd_table):
-            raise PageFault(vaddr, err_base | PF_RSVD | PF_P)
-        rights &= e ^ PTE_NX if wide else e | PTE_NX
-        if is_page:
-            leaf_shift, leaf_addr, leaf_value = shift, eaddr, e
+            raise PageFault(vaddr, err_base, (*entries, (level, (table << 12) | (idx << entry_shift), e)))
+        if level == 1 or (e & PTE_PS and rsvd_page >= 0):
+            if e & (rsvd_page if level > 1 else rsvd_table):
+                raise PageFault(vaddr, err_base | PF_RSVD | PF_P,
+                                (*entries, (level, (table << 12) | (idx << entry_shift), e)))
+            leaf_shift, leaf_pfn, leaf_idx, leaf_value = shift, table, idx, e
             break
-        if set_ad and not e & PTE_A:
+        if e & rsvd_table:
+            raise PageFault(vaddr, err_base | PF_RSVD | PF_P,
+                            (*entries, (level, (table << 12) | (idx << entry_shift), e)))
+        rights &= e ^ PTE_NX if wide else e | PTE_NX
+        if not e & PTE_A and set_ad:
             e |= PTE_A
-            (mem.qwords_w(table) if wide else mem.dwords_w(table))[idx] = e
-        entries.append((level, eaddr, e))
+            f[view][idx] = e        # present, so the frame is allocated
+        entries.append((level, (table << 12) | (idx << entry_shift), e))
         table = (e & addr_mask) >> 12
+    rights &= leaf_value ^ PTE_NX if wide else leaf_value | PTE_NX
 
     r = ((rights >> 1) & 3) | ((rights >> 61) & 4)       # R_W | R_U | R_X
     acc = ((access & 6) << 2) | ((access & 16) << 1)
     if cpu.ac and not access & (ACC_USER | ACC_IMPLICIT):
         acc |= A_SMAP_OVERRIDE
     write = access & ACC_WRITE
-    if cpu.perm[r | acc]:
-        err = err_base | PF_P
-        if cpu.pk_active and r & R_U and not access & ACC_FETCH and _pkey_denies(cpu, leaf_value, write, access):
-            err |= PF_PK
-        raise PageFault(vaddr, err)
-    if cpu.pk_active and r & R_U and not access & ACC_FETCH and _pkey_denies(cpu, leaf_value, write, access):
-        raise PageFault(vaddr, err_base | PF_P | PF_PK)
+    pk_denied = cpu.pk_active and r & R_U and not access & ACC_FETCH and _pkey_denies(
+        cpu, leaf_value, write, access)
+    leaf_addr = (leaf_pfn << 12) | (leaf_idx << entry_shift)
+    if cpu.perm[r | acc] or pk_denied:
+        raise PageFault(vaddr, err_base | PF_P | (PF_PK if pk_denied else 0),
+                        (*entries, (level, leaf_addr, leaf_value)))
 
     if set_ad:
-        new = leaf_value | PTE_A | (PTE_D if write else 0)
+        new = leaf_value | (PTE_A | PTE_D if write else PTE_A)
         if new != leaf_value:
-            pfn, off = leaf_addr >> 12, leaf_addr & PAGE_MASK
-            if wide:
-                mem.qwords_w(pfn)[off >> 3] = new
-            else:
-                mem.dwords_w(pfn)[off >> 2] = new
+            frames[leaf_pfn][view][leaf_idx] = new
             leaf_value = new
     entries.append((level, leaf_addr, leaf_value))
 
-    if not wide and leaf_shift == 22:
+    if leaf_shift == 22:
         # PSE-36: PDE bits 20:13 are physical address bits 39:32 (as many as MAXPHYADDR allows).
         base = (leaf_value & 0xFFC00000) | (((leaf_value >> 13) & 0xFF) << 32)
     else:
         base = leaf_value & addr_mask & ~((1 << leaf_shift) - 1)
-    paddr = base | (vaddr & ((1 << leaf_shift) - 1))
-    pkey = (leaf_value >> PTE_PKEY_SHIFT) & 0xF if fmt.pkeys else 0
-    return Translation(vaddr, paddr, leaf_shift, bool(r & 1), bool(r & 2), bool(r & 4), pkey,
+    return Translation(vaddr, base | (vaddr & ((1 << leaf_shift) - 1)), leaf_shift, bool(r & 1),
+                       bool(r & 2), bool(r & 4), (leaf_value >> PTE_PKEY_SHIFT) & 0xF if fmt.pkeys else 0,
                        bool(leaf_value & 0x100), bool(leaf_value & PTE_D), tuple(entries))
 
 

@@ -1,0 +1,1 @@
+"""``shadowmmu.analysis``: measurements, cost models, comparisons, reports and plots."""

@@ -1,0 +1,154 @@
+"""The ``shadowmmu`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+
+class UsageError(Exception):
+    """Bad arguments or input: printed as one line, exit status 2."""
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r} (use decimal or 0x...)") from None
+
+
+# --- walk ---------------------------------------------------------------------
+def cmd_walk(args) -> int:
+    from .x86 import Access, CpuState, GeneralProtection, PhysicalMemory
+    from .x86.builder import control_registers, parse_mode
+    from .x86.narrate import narrate
+
+    try:
+        with open(args.image, "rb") as f:
+            image = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read memory image {args.image!r}: {e.strerror}") from None
+    size = max(4096, (len(image) + 4095) & ~4095)
+    if args.memory_size:
+        if args.memory_size < len(image):
+            raise UsageError(f"--memory-size {args.memory_size:#x} is smaller than the image ({len(image):#x} bytes)")
+        size = (args.memory_size + 4095) & ~4095
+    mem = PhysicalMemory(size, maxphyaddr=args.maxphyaddr)
+    mem.load_image(image)
+    regs = {}
+    if args.mode:
+        try:
+            regs = control_registers(parse_mode(args.mode), args.cr3 or 0, nxe=not args.no_nxe)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    for name in ("cr0", "cr3", "cr4", "efer"):
+        if getattr(args, name) is not None:
+            regs[name] = getattr(args, name)
+    if "cr0" not in regs:
+        raise UsageError("give --mode or --cr0/--cr3/--cr4/--efer")
+    cpu = CpuState(maxphyaddr=args.maxphyaddr, cpl=args.cpl, ac=args.ac, pkru=args.pkru)
+    try:
+        cpu.load(mem, **regs)
+    except GeneralProtection as e:
+        raise UsageError(f"these control registers would #GP: {e}") from None
+    access = {"read": 0, "write": Access.WRITE, "fetch": Access.FETCH}[args.access]
+    if args.cpl == 3:
+        access |= Access.USER
+    elif args.implicit:
+        access |= Access.IMPLICIT
+    for vaddr in args.address:
+        for line in narrate(mem, cpu, vaddr, access, set_ad=args.set_ad):
+            print(line)
+    return 0
+
+
+# --- bench --------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    console = Console()
+    if args.what == "walk":
+        from .analysis.bench_walk import bench_walk
+        rows = bench_walk(args.pages)
+        t = Table(title=f"page walks per second ({args.pages} mapped 4K pages, random order)")
+        for col in ("mode", "cold walks/s", "TLB hits/s", "volatility3 walks/s", "ours / volatility3"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            vol = r["volatility3_per_s"]
+            t.add_row(r["mode"], f"{r['cold_walks_per_s']:,.0f}", f"{r['tlb_hits_per_s']:,.0f}",
+                      "n/a" if vol is None else f"{vol:,.0f}",
+                      "n/a" if vol is None else f"{r['ratio']:.2f}x")
+        console.print(t)
+        return 0
+    raise UsageError(f"unknown benchmark {args.what!r}")
+
+
+# --- demo ---------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    """A translation told step by step, in each paging mode."""
+    from .x86 import Access, PhysicalMemory
+    from .x86.builder import PageTableBuilder
+    from .x86.formats import PagingMode
+    from .x86.narrate import narrate
+    for mode in (PagingMode.BITS32, PagingMode.PAE, PagingMode.LEVEL4, PagingMode.LEVEL5):
+        mem = PhysicalMemory(1 << 32)
+        b = PageTableBuilder(mem, mode)
+        b.map(0x00401000, 0x00123000, 0x07)          # user text page, A and D clear
+        b.map(0x00402000, 0x00124000, 0x05)          # read-only user page
+        cpu = b.cpu()
+        print(f"== {mode.value} paging ==")
+        for va, acc in ((0x00401abc, Access.USER | Access.WRITE), (0x00402000, Access.USER | Access.WRITE),
+                        (0x00403000, Access.USER)):
+            print("\n".join(narrate(mem, cpu, va, acc, set_ad=True)))
+        print()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shadowmmu", description="x86 MMU virtualization model")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("walk", help="narrate a page walk in a raw physical memory image")
+    w.add_argument("image", help="raw file of physical memory, starting at physical address 0")
+    w.add_argument("address", type=_int, nargs="+", help="linear address(es) to translate")
+    w.add_argument("--mode", help="32 | pae | 64 | 5-level: typical CR0/CR4/EFER for that mode")
+    w.add_argument("--cr0", type=_int)
+    w.add_argument("--cr3", type=_int)
+    w.add_argument("--cr4", type=_int)
+    w.add_argument("--efer", type=_int)
+    w.add_argument("--no-nxe", action="store_true", help="with --mode: EFER.NXE=0")
+    w.add_argument("--cpl", type=int, choices=(0, 3), default=0)
+    w.add_argument("--access", choices=("read", "write", "fetch"), default="read")
+    w.add_argument("--implicit", action="store_true", help="a supervisor implicit access (SMAP ignores AC)")
+    w.add_argument("--ac", action="store_true", help="RFLAGS.AC=1")
+    w.add_argument("--pkru", type=_int, default=0)
+    w.add_argument("--maxphyaddr", type=int, default=52)
+    w.add_argument("--memory-size", type=_int, help="physical memory size (default: the image's size)")
+    w.add_argument("--set-ad", action="store_true", help="let the walk set A/D bits (default: inspect only)")
+    w.set_defaults(func=cmd_walk)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    b.add_argument("what", choices=("walk",))
+    b.add_argument("--pages", type=int, default=4096)
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("demo", help="the main job")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"shadowmmu: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

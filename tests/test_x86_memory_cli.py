@@ -1,0 +1,93 @@
+"""PhysicalMemory behaviour and the `shadowmmu walk` command."""
+
+import subprocess
+import sys
+
+import pytest
+
+from shadowmmu.cli import main
+from shadowmmu.x86 import Access, PhysicalAddressError, PhysicalMemory
+from shadowmmu.x86.builder import PageTableBuilder
+from shadowmmu.x86.formats import PagingMode
+
+
+def test_a_64_gib_memory_allocates_only_touched_pages():
+    mem = PhysicalMemory(64 << 30)
+    mem.write_u64(0xF_FFFF_F000, 0x1122334455667788)
+    mem.write(0x1FFE, b"\xaa\xbb\xcc\xdd")             # straddles two frames
+    assert mem.allocated_frames() == [1, 2, 0xFFFFFF]
+    assert mem.read_u64(0xF_FFFF_F000) == 0x1122334455667788
+    assert mem.read(0x1FFE, 4) == b"\xaa\xbb\xcc\xdd"
+    assert mem.read_u32(0x1FFC) == 0xBBAA0000
+    assert mem.read(0x5000_0000, 8) == bytes(8)        # untouched reads as zero, allocates nothing
+    assert len(mem.allocated_frames()) == 3
+
+
+def test_unaligned_and_straddling_integer_access_is_little_endian():
+    mem = PhysicalMemory(1 << 20)
+    mem.write_u64(0xFFD, 0x0807060504030201)
+    assert mem.read(0xFFD, 8) == bytes(range(1, 9))
+    assert mem.read_u32(0xFFF) == 0x06050403
+
+
+@pytest.mark.parametrize("paddr,n", [(1 << 20, 1), ((1 << 20) - 4, 8), (-1, 1)])
+def test_out_of_range_access_names_the_address(paddr, n):
+    mem = PhysicalMemory(1 << 20)
+    with pytest.raises(PhysicalAddressError, match="outside memory"):
+        mem.read(paddr, n)
+
+
+def test_bad_sizes_are_rejected_clearly():
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        PhysicalMemory(1000)
+    with pytest.raises(ValueError, match="maxphyaddr"):
+        PhysicalMemory(1 << 20, maxphyaddr=60)
+
+
+@pytest.fixture
+def image_4level(tmp_path):
+    mem = PhysicalMemory(1 << 20)
+    b = PageTableBuilder(mem, PagingMode.LEVEL4)
+    b.map(0x7FFF_0000_1000, 0x9000, 0x05)        # user read-only
+    path = tmp_path / "mem.raw"
+    path.write_bytes(b"".join(mem.frame_bytes(p) for p in range(16)))
+    return path, b.root
+
+
+def test_walk_command_narrates_each_level_and_the_fault(image_4level, capsys):
+    path, root = image_4level
+    rc = main(["walk", str(path), "0x7fff00001234", "--mode", "64", "--cr3", hex(root),
+               "--cpl", "3", "--access", "write"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for name in ("PML4E", "PDPTE", "PDE", "PTE"):
+        assert name in out
+    assert "#PF at 0x7fff00001234: error code 0x7 (P|W|U): protection violation, write, user mode" in out
+
+
+def test_walk_command_reports_the_physical_address(image_4level, capsys):
+    path, root = image_4level
+    main(["walk", str(path), "0x7fff00001234", "--mode", "64", "--cr3", hex(root), "--cpl", "3"])
+    assert "=> physical 0x9234 (4K page, rights -UX)" in capsys.readouterr().out
+
+
+def test_walk_command_does_not_change_the_image_view_by_default(image_4level, capsys):
+    path, root = image_4level
+    main(["walk", str(path), "0x7fff00001234", "0x7fff00001234", "--mode", "64", "--cr3", hex(root)])
+    out = capsys.readouterr().out
+    assert "|A" not in out.split("PTE ")[-1]      # no A bit appeared on the leaf
+
+
+def test_walk_command_errors_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "shadowmmu.cli", "walk", str(tmp_path / "missing"), "0x0",
+                        "--mode", "64"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("shadowmmu: error: cannot read memory image")
+    assert "Traceback" not in r.stderr
+
+
+def test_walk_command_rejects_a_bad_mode(image_4level):
+    path, _ = image_4level
+    r = subprocess.run([sys.executable, "-m", "shadowmmu.cli", "walk", str(path), "0x0", "--mode", "16"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown paging mode '16'" in r.stderr
