@@ -124,7 +124,7 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
             if e & (rsvd_page if level > 1 else rsvd_table):
                 raise PageFault(vaddr, err_base | PF_RSVD | PF_P,
                                 (*entries, (level, (table << 12) | (idx << entry_shift), e)))
-            leaf_shift, leaf_pfn, leaf_idx, leaf_value = shift, table, idx, e
+            leaf_shift, leaf_pfn, leaf_idx, leaf_value, leaf_frame = shift, table, idx, e, f
             break
         if e & rsvd_table:
             raise PageFault(vaddr, err_base | PF_RSVD | PF_P,
@@ -132,7 +132,8 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
         rights &= e ^ PTE_NX if wide else e | PTE_NX
         if not e & PTE_A and set_ad:
             e |= PTE_A
-            f[view][idx] = e        # present, so the frame is allocated
+            if f is not None:       # None: memory that drops writes (nothing behind the address)
+                f[view][idx] = e
         entries.append((level, (table << 12) | (idx << entry_shift), e))
         table = (e & addr_mask) >> 12
     rights &= leaf_value ^ PTE_NX if wide else leaf_value | PTE_NX
@@ -152,7 +153,8 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
     if set_ad:
         new = leaf_value | (PTE_A | PTE_D if write else PTE_A)
         if new != leaf_value:
-            frames[leaf_pfn][view][leaf_idx] = new
+            if leaf_frame is not None:
+                leaf_frame[view][leaf_idx] = new
             leaf_value = new
     entries.append((level, leaf_addr, leaf_value))
 

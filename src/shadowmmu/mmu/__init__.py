@@ -1,0 +1,9 @@
+"""``shadowmmu.mmu``: the hypervisor's shadow MMU (KVM, 2007, with its later fixes)."""
+
+from .audit import AuditError, audit
+from .mmu import EMULATE, HANDLED, INJECTED, POLICIES, MMUError, ShadowMMU
+from .shadow_page import ShadowPage
+from .spte import Role
+
+__all__ = ["AuditError", "audit", "EMULATE", "HANDLED", "INJECTED", "POLICIES", "MMUError", "ShadowMMU",
+           "ShadowPage", "Role"]

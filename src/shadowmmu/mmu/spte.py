@@ -1,0 +1,80 @@
+"""Shadow pte layout and the shadow page's identity (role).
+
+Shadow tables are always the 64-bit format, 512 entries (REFERENCE §2), in host
+physical memory, so the x86 walker walks them as hardware would.  Invariants
+kept by ``ShadowMMU.set_spte`` (the one place that writes an spte):
+
+- a present spte at level > 1 points at a shadow page, and that page's
+  ``parents`` holds the spte's address;
+- a present, writable spte at level 1 is in ``rmap[gfn]`` of the guest frame
+  it maps, and only those are (rmap = writable leaf sptes, as in 2007);
+- no spte maps a guest frame that is shadowed as a page table writable;
+- a leaf spte never grants more than the guest's translation does (the
+  CR0.WP=0 trick grants supervisor-write, which the guest allows then).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..x86.bits import PTE_A, PTE_D, PTE_NX, PTE_P, PTE_U, PTE_W
+
+SPTE_P = PTE_P
+SPTE_W = PTE_W
+SPTE_U = PTE_U
+SPTE_A = PTE_A
+SPTE_D = PTE_D
+SPTE_NX = PTE_NX
+# Software bits 9-11 (ignored by the hardware walk).  Bit 9 on a non-present
+# spte marks MMIO: the rest of the spte holds the gpa, so the fault path knows
+# at once that the access must be emulated (2007's PT_SHADOW_IO_MARK).
+SPTE_MMIO = 1 << 9
+# Bits 10/11: the guest's own W/U rights, recorded when the MMU demoted them
+# (2007's PT_SHADOW_WRITABLE/USER_MASK): kept for the trace and the audit.
+SPTE_GUEST_W = 1 << 10
+SPTE_GUEST_U = 1 << 11
+SPTE_ADDR = 0x000FFFFFFFFFF000
+# A non-leaf spte grants everything; rights are enforced at the leaf, which
+# carries the AND of every level's rights (the role's inherited access).
+SPTE_TABLE = SPTE_P | SPTE_W | SPTE_U | SPTE_A
+
+# access rights, as in the x86 permission table index
+ACC_W, ACC_U, ACC_X = 1, 2, 4
+ACC_ALL = ACC_W | ACC_U | ACC_X
+
+
+class Role(NamedTuple):
+    """What a shadow page shadows, besides the gfn.  Two pages with the same gfn
+    and different roles are different pages (KVM's ``kvm_mmu_page_role``).
+
+    - ``level``: shadow level of this page (1 = page table).
+    - ``glevels``: guest paging levels (0 non-paging, 2 32-bit, 3 PAE, 4, 5).
+    - ``quadrant``: which part of a 1024-entry 32-bit guest table this 512-entry
+      page shadows (level 1: bit 21 of the address; level 2: bits 31:30).
+    - ``direct``: no guest table behind it (a guest large page, or no paging);
+      the gfn is then the first frame mapped.  "Is this gfn shadowed" ignores these.
+    - ``access``: rights inherited from the upper levels (ACC_W|U|X); the leaf
+      gets access & gpte (KVM's 2007 fix for the seed's update_pte bug).
+    - ``nxe``, ``cr0_wp``, ``smep_andnot_wp``: guest state the sptes depend on.
+    """
+    level: int
+    glevels: int
+    quadrant: int = 0
+    direct: bool = False
+    access: int = ACC_ALL
+    nxe: bool = False
+    cr0_wp: bool = True
+    smep_andnot_wp: bool = False
+
+    def describe(self) -> str:
+        kind = "direct" if self.direct else f"g{self.glevels}"
+        acc = "".join(c if self.access & b else "-" for c, b in (("W", ACC_W), ("U", ACC_U), ("X", ACC_X)))
+        return f"L{self.level} {kind} q{self.quadrant} {acc}{'' if self.cr0_wp else ' wp0'}"
+
+
+def gpte_access(gpte: int, wide: bool, nxe: bool) -> int:
+    """Rights a guest entry grants, as ACC_* bits (bit 63 is NX only with EFER.NXE)."""
+    acc = ((gpte >> 1) & 1) | ((gpte >> 1) & 2)
+    if not (wide and nxe and gpte & PTE_NX):
+        acc |= ACC_X
+    return acc

@@ -1,0 +1,332 @@
+"""The virtual CPU: guest memory accesses and privileged operations.
+
+An access goes where it would on hardware: the TLB, then a walk of the tables
+CR3 points at — the guest's own (native mode) or the shadow tables (shadow
+mode) — and, in shadow mode, a hardware #PF on the shadow tables is a VM exit
+to the MMU, which fixes the shadow and resumes, emulates the access, or injects
+a #PF.  An injected fault runs the guest's fault handler (its IDT entry, in
+effect) on this vCPU at CPL0; its own accesses are virtualized the same way;
+then the access is retried, as the faulting instruction is after an IRET.
+
+    guest access --TLB hit--> memory
+        | miss: hardware walk of shadow tables --ok--> fill TLB, memory
+        | #PF: VM exit -> mmu.page_fault()
+              HANDLED  -> retry          (exit "pf_fixed")
+              EMULATE  -> do the access on guest memory for the guest
+                          (exit "pte_write" | "mmio" | "emulate")
+              INJECTED -> guest handler, then retry (exit "pf_injected")
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ..mmu.mmu import EMULATE, HANDLED, INJECTED, MMUError
+from ..x86.bits import (
+    ACC_FETCH, ACC_USER, ACC_WRITE, CR0_PG, CR4_LA57, CR4_PAE, CR4_PGE, CR4_PKE, CR4_PSE, CR4_SMAP,
+    CR4_SMEP, EFER_LME, EFER_NXE,
+)
+from ..x86.cpu import A_SMAP_OVERRIDE, CpuState
+from ..x86.faults import PageFault
+from ..x86.tlb import Tlb
+
+MAX_NESTED_FAULTS = 4        # a fault in a fault handler in a fault handler ... is a triple fault
+MAX_FAULT_RETRIES = 32       # an access the guest handler never fixes
+
+
+class GuestCrash(RuntimeError):
+    """The guest did something a real machine would die of (triple fault, a fault
+    with no handler deep in the kernel, an access its handler never fixes)."""
+
+
+class VCpu:
+    def __init__(self, vm, index: int = 0):
+        self.vm = vm
+        self.index = index
+        self.native = vm.native
+        self.gmem = vm.gmem
+        self.host = vm.host
+        self.guest = CpuState(maxphyaddr=vm.maxphyaddr)    # the registers the guest sees
+        self.hw = self.guest if self.native else CpuState(maxphyaddr=vm.host.maxphyaddr)
+        self.tlb = Tlb()
+        self.events = vm.events
+        self.fault_handler = None
+        self.cr2 = 0
+        self.fault_depth = 0
+        self.mmu_roots_invalid = False
+        self.mmu_state = None
+        self.stats: Counter = Counter()
+        self._host_frames = vm.host._frames
+        self._sync_access()
+        if not self.native:
+            vm.mmu.attach(self)
+
+    # ---------------------------------------------------------------- helpers
+    def _sync_access(self) -> None:
+        """Precompute the permission-table columns for this CPL/AC (hot path)."""
+        g = self.guest
+        user = g.cpl == 3
+        self._acc = ACC_USER if user else 0
+        r = 16 if user else 0                     # access_index() of a plain read
+        if g.ac and not user:
+            r |= A_SMAP_OVERRIDE
+        self._acc_r = r
+        self._acc_w = r | 8
+        # native fast path: the first memslot as a range check and an offset
+        self._lo, self._hi, self._delta = self.gmem._lo, self.gmem._hi, self.gmem._delta
+
+    # ------------------------------------------------------------- accesses
+    def load(self, vaddr: int, size: int = 8) -> int:
+        """Read ``size`` bytes (1, 2, 4, 8) at ``vaddr`` at the current CPL."""
+        if (vaddr & 0xFFF) + size <= 4096:
+            e = self.tlb.small.get(vaddr >> 12)
+            hw = self.hw
+            if e is not None and not hw.perm[e[1] | self._acc_r] and not hw.pk_active:
+                pa = e[0] | (vaddr & 0xFFF)
+                if self.native:
+                    gfn = pa >> 12
+                    if not self._lo <= gfn < self._hi:
+                        return self._access(vaddr, size, self._acc, None)
+                    pa += self._delta << 12
+                f = self._host_frames.get(pa >> 12)
+                if f is None:
+                    return 0
+                off = pa & 0xFFF
+                if size == 8 and not off & 7:
+                    return f[1][off >> 3]
+                if size == 4 and not off & 3:
+                    return f[2][off >> 2]
+                return int.from_bytes(f[0][off:off + size], "little")
+        return self._access(vaddr, size, self._acc, None)
+
+    def store(self, vaddr: int, value: int, size: int = 8) -> None:
+        """Write ``size`` bytes of ``value`` at ``vaddr`` at the current CPL."""
+        if not 0 <= value < 1 << (8 * size):
+            raise ValueError(f"value {value:#x} does not fit in {size} bytes")
+        if (vaddr & 0xFFF) + size <= 4096:
+            e = self.tlb.small.get(vaddr >> 12)
+            hw = self.hw
+            if e is not None and e[2] and not hw.perm[e[1] | self._acc_w] and not hw.pk_active:
+                pa = e[0] | (vaddr & 0xFFF)
+                if self.native:
+                    gfn = pa >> 12
+                    if not self._lo <= gfn < self._hi:
+                        self._access(vaddr, size, self._acc | ACC_WRITE, value)
+                        return
+                    pa += self._delta << 12
+                off = pa & 0xFFF
+                f = self._host_frames.get(pa >> 12)
+                if f is None:
+                    f = self.host._alloc(pa >> 12)
+                if size == 8 and not off & 7:
+                    f[1][off >> 3] = value
+                elif size == 4 and not off & 3:
+                    f[2][off >> 2] = value
+                else:
+                    f[0][off:off + size] = value.to_bytes(size, "little")
+                return
+        self._access(vaddr, size, self._acc | ACC_WRITE, value)
+
+    def fetch(self, vaddr: int) -> int:
+        """An instruction fetch of one byte at ``vaddr``."""
+        return self._access(vaddr, 1, self._acc | ACC_FETCH, None)
+
+    def _access(self, vaddr: int, size: int, access: int, value: int | None):
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"access size must be 1, 2, 4 or 8 bytes, got {size}")
+        tries = 0
+        while True:
+            try:
+                first = 4096 - (vaddr & 0xFFF)
+                if first >= size:
+                    return self._perform(self._resolve(vaddr, access), size, value)
+                # Page-crossing access: both pages are translated before either is
+                # touched, so a fault on the second leaves memory unchanged.
+                va2 = (vaddr + first) & self._va_mask()
+                t1 = self._resolve(vaddr, access)
+                t2 = self._resolve(va2, access)
+                if value is None:
+                    lo = self._perform(t1, first, None)
+                    return lo | (self._perform(t2, size - first, None) << (8 * first))
+                self._perform(t1, first, value & ((1 << (8 * first)) - 1))
+                self._perform(t2, size - first, value >> (8 * first))
+                return None
+            except PageFault as pf:
+                tries += 1
+                if tries > MAX_FAULT_RETRIES:
+                    raise GuestCrash(f"the guest's fault handler never resolved {pf}") from None
+                self._deliver(pf)
+
+    def _va_mask(self) -> int:
+        fmt = self.guest.format
+        return (1 << 64) - 1 if fmt is not None and fmt.va_bits > 32 else 0xFFFFFFFF
+
+    def _resolve(self, vaddr: int, access: int) -> tuple[int, int]:
+        """Where an access lands: (0, host address) for RAM, (1, gpa) for an access
+        the hypervisor (shadow) or the bus (native) must carry out."""
+        if self.native:
+            gpa = self.tlb.translate(self.gmem, self.guest, vaddr, access)
+            pfn = self.gmem.gfn_to_pfn(gpa >> 12)
+            return (1, gpa) if pfn is None else (0, (pfn << 12) | (gpa & 0xFFF))
+        for _ in range(8):
+            try:
+                return 0, self.tlb.translate(self.host, self.hw, vaddr, access)
+            except PageFault:
+                pass
+            at = self.events.mark()
+            result, payload = self.vm.mmu.page_fault(self, vaddr, access)
+            if result == HANDLED:
+                self.events.exit("pf_fixed", f"#PF at {vaddr:#x} ({_acc_name(access)}): shadow fixed", at)
+                continue
+            if result == INJECTED:
+                self.events.exit("pf_injected", f"#PF at {vaddr:#x} ({_acc_name(access)}): "
+                                 f"guest fault, inject error code {payload.error_code:#x}", at)
+                raise payload
+            gpa = payload
+            if self.gmem.gfn_to_pfn(gpa >> 12) is None:
+                reason = "mmio"
+            elif access & ACC_WRITE and self.vm.mmu.is_shadowed(gpa >> 12):
+                reason = "pte_write"
+            else:
+                reason = "emulate"
+            self.events.exit(reason, f"{_acc_name(access)} of {vaddr:#x} (gpa {gpa:#x}) emulated", at)
+            return 1, gpa
+        raise MMUError(f"the shadow MMU keeps reporting {vaddr:#x} fixed but the hardware still faults")
+
+    def _perform(self, target: tuple[int, int], size: int, value: int | None):
+        kind, addr = target
+        if kind == 0:
+            if value is None:
+                return self.host.read_uint(addr, size)
+            self.host.write_uint(addr, value, size)
+            return None
+        if value is None:
+            return self.gmem.read_uint(addr, size)
+        if not self.native:
+            mmu = self.vm.mmu
+            gfn = addr >> 12
+            if mmu.is_shadowed(gfn):
+                mmu.pte_write(self, addr, value.to_bytes(size, "little"))
+            mmu.mark_dirty(gfn)
+        self.gmem.write_uint(addr, value, size)
+        return None
+
+    def _deliver(self, pf: PageFault) -> None:
+        """Run the guest's #PF handler at CPL0 (with CR2 set), then return to the
+        interrupted privilege level."""
+        self.stats["guest_page_faults"] += 1
+        if self.fault_handler is None:
+            raise pf
+        if self.fault_depth >= MAX_NESTED_FAULTS:
+            raise GuestCrash(f"{MAX_NESTED_FAULTS} nested page faults (the last: {pf}): triple fault")
+        self.cr2 = pf.address
+        saved = self.guest.cpl
+        self.fault_depth += 1
+        self.set_cpl(0)
+        try:
+            self.fault_handler(self, pf.address, pf.error_code)
+        finally:
+            self.fault_depth -= 1
+            self.set_cpl(saved)
+
+    # --------------------------------------------------- privileged operations
+    def set_fault_handler(self, handler) -> None:
+        """handler(vcpu, address, error_code): the guest's #PF entry point."""
+        self.fault_handler = handler
+
+    def set_cpl(self, cpl: int) -> None:
+        if cpl not in (0, 3):
+            raise ValueError(f"CPL must be 0 or 3, got {cpl}")
+        self.guest.cpl = cpl
+        self.hw.cpl = cpl
+        self._sync_access()
+
+    def set_ac(self, ac: bool) -> None:
+        """RFLAGS.AC (STAC/CLAC)."""
+        self.guest.ac = self.hw.ac = bool(ac)
+        self._sync_access()
+
+    def write_pkru(self, value: int) -> None:
+        """WRPKRU: no exit, the hardware uses the guest's PKRU directly."""
+        if not 0 <= value < 1 << 32:
+            raise ValueError(f"PKRU is 32 bits, got {value:#x}")
+        self.guest.pkru = self.hw.pkru = value
+
+    def _cr_exit(self, what: str) -> None:
+        if not self.native:
+            self.events.exit("cr_access", what)
+
+    def write_cr0(self, value: int) -> None:
+        old = self.guest.cr0
+        self._cr_exit(f"CR0 <- {value:#x}")
+        self.guest.write_cr0(value, self.gmem)
+        self._after_mode_write(old ^ value, 0, 0)
+
+    def write_cr4(self, value: int) -> None:
+        old = self.guest.cr4
+        self._cr_exit(f"CR4 <- {value:#x}")
+        self.guest.write_cr4(value, self.gmem)
+        self._after_mode_write(0, old ^ value, 0)
+
+    def write_efer(self, value: int) -> None:
+        old = self.guest.efer
+        self._cr_exit(f"EFER <- {value:#x}")
+        self.guest.write_efer(value, self.gmem)
+        self._after_mode_write(0, 0, old ^ self.guest.efer)
+
+    def write_cr3(self, value: int) -> None:
+        self._cr_exit(f"CR3 <- {value:#x}")
+        self.guest.write_cr3(value, self.gmem)
+        if self.native:
+            self.tlb.on_cr3_write(self.guest)
+        else:
+            self.vm.mmu.new_cr3(self)
+
+    def _after_mode_write(self, d_cr0: int, d_cr4: int, d_efer: int) -> None:
+        flush_bits = CR4_PGE | CR4_PAE | CR4_PSE | CR4_SMEP | CR4_LA57
+        if self.native:
+            if d_cr0 & CR0_PG or d_cr4 & flush_bits or d_efer & EFER_LME:
+                self.tlb.flush()
+            return
+        mmu = self.vm.mmu
+        if d_cr4 & CR4_PSE:
+            mmu.zap_all()            # 32-bit PDEs mean something else now
+        role_bits = (d_cr0 & (CR0_PG | 0x10000) or d_cr4 & (CR4_PAE | CR4_LA57 | CR4_SMEP | CR4_SMAP | CR4_PKE
+                                                          | CR4_PSE) or d_efer)
+        if role_bits:
+            mmu.reset_context(self)
+        else:
+            self.tlb.flush()
+
+    def flush_tlb(self) -> None:
+        """Flush every TLB entry, global ones too (CR4.PGE toggled twice, as Linux's
+        __flush_tlb_all does; without PGE a CR3 reload)."""
+        cr4 = self.guest.cr4
+        if cr4 & CR4_PGE:
+            self.write_cr4(cr4 & ~CR4_PGE)
+            self.write_cr4(cr4)
+        else:
+            self.write_cr3(self.guest.cr3)
+
+    def invlpg(self, vaddr: int) -> None:
+        """INVLPG: in 2007 not intercepted (write protection keeps sptes in sync)."""
+        if self.native:
+            self.tlb.invlpg(vaddr)
+        else:
+            self.vm.mmu.invlpg(self, vaddr)
+
+    def setup_paging(self, *, cr0: int, cr3: int, cr4: int = 0, efer: int = 0) -> None:
+        """Enter a paging mode in one go (a boot path): CR4, EFER, CR3, then CR0."""
+        self.write_cr0(self.guest.cr0 & ~CR0_PG)
+        self.write_cr4(cr4)
+        self.write_efer(efer)
+        self.write_cr3(cr3)
+        self.write_cr0(cr0)
+
+
+def _acc_name(access: int) -> str:
+    kind = "fetch" if access & ACC_FETCH else "write" if access & ACC_WRITE else "read"
+    return ("user " if access & ACC_USER else "") + kind
+
+
+__all__ = ["VCpu", "GuestCrash", "EFER_NXE"]

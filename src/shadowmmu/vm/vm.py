@@ -1,0 +1,75 @@
+"""The virtual machine: guest RAM in memslots, MMIO regions, vCPUs and the MMU."""
+
+from __future__ import annotations
+
+from ..mmu.audit import audit
+from ..mmu.mmu import ShadowMMU
+from ..x86.memory import PhysicalMemory
+from .events import EventLog
+from .memslots import GuestPhysical, Memslot, MmioRegion
+from .vcpu import VCpu
+
+# Guest RAM starts at this host frame, so a gpa is never accidentally an hpa.
+RAM_HOST_BASE_PFN = 0x100
+MAX_RAM = 64 << 30
+
+
+class VM:
+    """A VM with ``ram_size`` bytes of guest RAM at gpa 0 (lazily backed).
+
+    ``native=True``: no hypervisor, the hardware walks the guest's own tables.
+    Otherwise a shadow MMU with ``pte_write`` policy "zap" or "update",
+    ``seed_access_bug`` (the seed's update_pte rights) and a pool of
+    ``pool_pages`` shadow pages."""
+
+    def __init__(self, ram_size: int = 256 << 20, *, native: bool = False, pte_write: str = "update",
+                 seed_access_bug: bool = False, pool_pages: int = 4096, nr_vcpus: int = 1,
+                 maxphyaddr: int = 40, tracing: bool = False):
+        if not isinstance(ram_size, int) or ram_size <= 0 or ram_size % 4096:
+            raise ValueError(f"guest RAM size must be a positive multiple of 4096 bytes, got {ram_size!r}")
+        if ram_size > MAX_RAM:
+            raise ValueError(f"guest RAM size {ram_size:#x} exceeds the 64 GiB this model supports")
+        if ram_size > 1 << maxphyaddr:
+            raise ValueError(f"guest RAM of {ram_size:#x} bytes does not fit in {maxphyaddr} physical address bits")
+        if nr_vcpus < 1:
+            raise ValueError("a VM needs at least one vCPU")
+        self.native = native
+        self.maxphyaddr = maxphyaddr
+        self.ram_pages = ram_size >> 12
+        pool_base = RAM_HOST_BASE_PFN + self.ram_pages
+        extra = 0 if native else pool_pages + nr_vcpus
+        self.host = PhysicalMemory((pool_base + extra + 1) << 12, maxphyaddr=52)
+        self.slots = [Memslot(0, self.ram_pages, RAM_HOST_BASE_PFN, id=0)]
+        self.mmio: list[MmioRegion] = []
+        self.gmem = GuestPhysical(self.host, self.slots, self.mmio)
+        self.events = EventLog(tracing)
+        self.mmu = None
+        if not native:
+            self.mmu = ShadowMMU(self.host, self.gmem, list(range(pool_base, pool_base + extra)),
+                                 pte_write=pte_write, seed_access_bug=seed_access_bug, events=self.events)
+        self.vcpus = [VCpu(self, i) for i in range(nr_vcpus)]
+
+    @property
+    def vcpu(self) -> VCpu:
+        return self.vcpus[0]
+
+    @property
+    def policy(self) -> str:
+        return "native" if self.native else self.mmu.policy
+
+    def add_mmio(self, gpa: int, size: int, handler, name: str = "mmio") -> None:
+        """A device at [gpa, gpa+size): handler.read(gpa, size) / handler.write(gpa, size, value)."""
+        if gpa < self.ram_pages << 12:
+            raise ValueError(f"MMIO region at {gpa:#x} overlaps guest RAM (which ends at {self.ram_pages << 12:#x})")
+        self.mmio.append(MmioRegion(gpa, size, handler, name))
+
+    def audit(self) -> None:
+        if self.mmu is not None:
+            audit(self.mmu)
+
+    def guest_memory(self) -> dict[int, bytes]:
+        """Every non-zero guest RAM page, gfn -> bytes (what the guest could observe)."""
+        return self.gmem.snapshot()
+
+    def exits(self) -> dict[str, int]:
+        return self.events.by_reason()
