@@ -15,10 +15,12 @@ import time
 import pytest
 
 from shadowmmu.x86.qemu_oracle import (
+    ERROR_CODE_OFFSET,
     HARNESS_PHYS_BASE,
     RESERVED_VIRT,
     OracleOutcome,
     QemuMmu,
+    derive_error_code_offset,
 )
 
 # entry bits
@@ -680,6 +682,10 @@ def test_engines_are_independent_and_reusable(mmu32, mmu64):
         assert run64(mmu64, long_tables(VA4, P | W | U)[0], size=2).data == \
             PATTERN[0xABC:0xABE]
         assert run32(mmu32, tables32(0), cpl=3).fault == (VA32, EU)
+
+
+def test_error_code_offset_is_the_only_match():
+    assert derive_error_code_offset() == [ERROR_CODE_OFFSET]
 
 
 def test_throughput(mmu64):

@@ -19,9 +19,10 @@ The fixed layout, per paging mode (``MODES``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import lru_cache
 
-from shadowmmu.x86 import CpuState, PageFault, PhysicalMemory, translate
+from shadowmmu.x86 import CpuState, PageFault, PhysicalMemory, Tlb, translate
 from shadowmmu.x86.bits import ACC_FETCH, ACC_IMPLICIT, ACC_USER, ACC_WRITE
 
 # ---------------------------------------------------------------------------
@@ -94,10 +95,12 @@ def index_of(mode: str, level: int) -> int:
     return INDEX[level]
 
 
+@lru_cache(maxsize=None)
 def probe_vaddr(mode: str) -> int:
     return sum(index_of(mode, lvl) << level_shift(mode, lvl) for lvl in MODE_LEVELS[mode]) + OFFSET
 
 
+@lru_cache(maxsize=None)
 def entry_addr(mode: str, level: int) -> int:
     return table_addr(level) + index_of(mode, level) * (8 if is_wide(mode) else 4)
 
@@ -259,6 +262,7 @@ def maps_page(env: Env, level: int, value: int) -> bool:
     return False
 
 
+@lru_cache(maxsize=None)
 def reserved_bits(env: Env, level: int, leaf: bool) -> int:
     """The bits that must be 0 in a present entry (SDM tables 4-4 .. 4-20)."""
     m = env.maxphyaddr
@@ -460,6 +464,28 @@ def read_entry(mem, mode: str, addr: int) -> int:
 # ---------------------------------------------------------------------------
 # Running one case against the model
 
+_EXPECTED: dict = {}
+
+
+def expected(env: Env, values: dict, vaddr: int, access: Access) -> Outcome:
+    """expected_outcome, memoised (a matrix asks the same question many times)."""
+    key = (env, tuple(sorted(values.items())), vaddr, access)
+    out = _EXPECTED.get(key)
+    if out is None:
+        if len(_EXPECTED) > 200_000:
+            _EXPECTED.clear()
+        out = _EXPECTED[key] = expected_outcome(env, values, vaddr, access)
+    return out
+
+
+def restore(mem, layout: Layout) -> None:
+    """Put the entries back as the builder wrote them (same frames as a fresh build)."""
+    for level, addr in layout.addrs.items():
+        if is_wide(layout.env.mode):
+            mem.write_u64(addr, layout.values[level])
+        else:
+            mem.write_u32(addr, layout.values[level])
+
 
 class CpuCache:
     """CpuState per environment (building one is the slow part).  A PAE CPU holds
@@ -477,33 +503,39 @@ class CpuCache:
         return cpu
 
 
-def model_access(mem, cpu, vaddr: int, access: Access):
-    """(error code or None, Translation or None) from the model."""
+def model_access(mem, cpu, vaddr: int, access: Access, tlb=None):
+    """(error code or None, result) from the model: a Translation from a walk, or the
+    physical address from ``tlb.translate`` when a Tlb is given."""
     cpu.cpl = 3 if access.user else 0
     try:
-        t = translate(mem, cpu, vaddr, access.flags)
+        if tlb is not None:
+            return None, tlb.translate(mem, cpu, vaddr, access.flags)
+        return None, translate(mem, cpu, vaddr, access.flags)
     except PageFault as pf:
         if pf.address != vaddr:
             return ("bad-cr2", pf.address), None
         return pf.error_code, None
-    return None, t
 
 
-def compare(exp: Outcome, got_ec, t, mem, layout: Layout) -> list[str]:
+def compare(exp: Outcome, got_ec, result, mem, layout: Layout) -> list[str]:
     """Differences between the expected outcome and the model's, memory included."""
     problems = []
     mode = layout.env.mode
+    paddr = result if isinstance(result, int) else getattr(result, "paddr", None)
     if exp.error_code != got_ec:
         if got_ec is None:
-            got = f"ok paddr={t.paddr:#x}"
+            got = f"ok paddr={paddr:#x}"
         elif isinstance(got_ec, int):
             got = f"#PF error code {got_ec:#x} ({ec_str(got_ec)})"
         else:
             got = f"#PF with CR2 {got_ec[1]:#x} instead of the test address"
         problems.append(f"expected {exp.describe()}, got {got}")
-    elif t is not None:
+    elif isinstance(result, int):
+        if paddr != exp.paddr:
+            problems.append(f"paddr: expected {exp.paddr:#x}, got {paddr:#x}")
+    elif result is not None:
         want = (exp.paddr, exp.page_shift, exp.writable, exp.user, exp.executable)
-        have = (t.paddr, t.page_shift, t.writable, t.user, t.executable)
+        have = (result.paddr, result.page_shift, result.writable, result.user, result.executable)
         if want != have:
             problems.append(f"translation (paddr, shift, W, U, X): expected {want}, got {have}")
     for level, addr in layout.addrs.items():
@@ -516,31 +548,60 @@ def compare(exp: Outcome, got_ec, t, mem, layout: Layout) -> list[str]:
     return problems
 
 
-def check_case(env: Env, flags: dict, access: Access, cpus: CpuCache) -> list[str]:
-    """Build, access twice, compare each time with the rules.  Returns problems."""
+# Accesses tried, in order, to put the page in the TLB before a TLB-path check.
+PRIMING = (SUP_READ, USER_READ, IMPLICIT_READ, SUP_FETCH, USER_FETCH)
+
+
+def check_case(env: Env, flags: dict, access: Access, cpus: CpuCache, *, tlb: bool = False) -> list[str]:
+    """Build, access twice by walks, comparing each time with the rules.  With ``tlb``,
+    also from the tables as built: prime a Tlb with the first read or fetch the rules allow, then
+    do the access twice through it (a TLB hit must decide with the cached rights and the
+    current registers exactly as a walk would).  Returns problems."""
     mem, layout = build(env, flags)
     cpu = cpus.get(env, mem, layout)
-    exp = expected_outcome(env, layout.values, layout.vaddr, access)
+    exp = expected(env, layout.values, layout.vaddr, access)
     got_ec, t = model_access(mem, cpu, layout.vaddr, access)
     problems = compare(exp, got_ec, t, mem, layout)
     if problems:
         return problems
     # "twice": the same access again, with A (and D) now set where the first one set them.
-    exp2 = expected_outcome(env, exp.final, layout.vaddr, access)
+    exp2 = expected(env, exp.final, layout.vaddr, access)
     assert (exp2.error_code, exp2.final, exp2.paddr) == (exp.error_code, exp.final, exp.paddr), \
         "the rules themselves must be idempotent"
     got_ec, t = model_access(mem, cpu, layout.vaddr, access)
-    return [f"second access: {p}" for p in compare(exp2, got_ec, t, mem, layout)]
+    problems = [f"second access: {p}" for p in compare(exp2, got_ec, t, mem, layout)]
+    if problems or not tlb:
+        return problems
+
+    for prime in PRIMING:
+        primed = expected(env, layout.values, layout.vaddr, prime)
+        if primed.error_code is None:
+            break
+    else:
+        return []                               # nothing can be cached: a TLB holds no faults
+    restore(mem, layout)
+    buffer = Tlb()
+    got_ec, paddr = model_access(mem, cpu, layout.vaddr, prime, buffer)
+    problems = [f"tlb priming {prime.name}: {p}" for p in compare(primed, got_ec, paddr, mem, layout)]
+    for attempt in ("first", "second"):
+        if problems:
+            return problems
+        exp = expected(env, primed.final, layout.vaddr, access)
+        got_ec, paddr = model_access(mem, cpu, layout.vaddr, access, buffer)
+        problems = [f"{attempt} access through a tlb primed by {prime.name}: {p}"
+                    for p in compare(exp, got_ec, paddr, mem, layout)]
+        primed = exp
+    return problems
 
 
-def run_matrix(cases) -> tuple[int, list[str]]:
+def run_matrix(cases, *, tlb: bool = False) -> tuple[int, list[str]]:
     """Run (env, flags, access) cases; return (count, failure reports)."""
     cpus = CpuCache()
     n = 0
     failures = []
     for env, flags, access in cases:
         n += 1
-        problems = check_case(env, flags, access, cpus)
+        problems = check_case(env, flags, access, cpus, tlb=tlb)
         if problems:
             failures.append(f"{case_id(env, flags, access)}: " + "; ".join(problems))
     return n, failures

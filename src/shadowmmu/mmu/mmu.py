@@ -359,32 +359,35 @@ class ShadowMMU:
             sp, level = st.roots[(vaddr >> 30) & 3], 2
             if sp is None:
                 raise MMUError("guest walk succeeded through a PDPTE that has no shadow root")
-        access_above = ACC_ALL
-        if glevels == 3:
-            access_above = ACC_ALL      # a PAE PDPTE grants every right
+        access_above = ACC_ALL          # (a PAE PDPTE grants every right)
         gpage_level = {12: 1, 21: 2, 22: 2, 30: 3}[walk.page_shift]
         while level > 1:
-            self.lru.move_to_end(sp)
             idx = (vaddr >> (12 + 9 * (level - 1))) & 511
-            spte = sp.spt[idx]
             ge = gentries.get(level)
             if ge is not None:
                 access_above &= gpte_access(ge, wide, nxe)
-            if spte & SPTE_P:
-                sp = self.by_hpfn[(spte & SPTE_ADDR) >> 12]
-                level -= 1
-                continue
             child_level = level - 1
             if glevels == 0 or gpage_level >= level:
-                # guest large page (or no paging): a direct page of 4K sptes, one per
-                # frame, keyed by the first frame it maps and the page's rights
+                # guest large page (or no paging): a direct page of 4K sptes, keyed by
+                # the first frame it maps and the large page's rights -- without W
+                # while the guest entry is clean, so the first write refaults, sets D
+                # and moves to the writable twin (KVM's direct_access)
                 span = 9 * child_level
                 gfn = ((walk.paddr >> 12) >> span) << span
-                role = base._replace(level=child_level, direct=True, access=access_above)
+                direct_access = access_above if walk.dirty or not walk.entries else access_above & ~ACC_W
+                role = base._replace(level=child_level, direct=True, access=direct_access)
             else:
                 gfn = (ge & (SPTE_ADDR if wide else 0xFFFFF000)) >> 12
                 quadrant = (vaddr >> 21) & 1 if glevels == 2 else 0
                 role = base._replace(level=child_level, quadrant=quadrant, access=access_above)
+            spte = sp.spt[idx]
+            if spte & SPTE_P:
+                child = self.by_hpfn[(spte & SPTE_ADDR) >> 12]
+                if child.gfn == gfn and child.role == role:
+                    self.lru.move_to_end(child)
+                    sp, level = child, child_level
+                    continue
+                self.set_spte(sp, idx, 0)       # the guest entry now calls for another page
             child = self.get_page(gfn, role)
             self.set_spte(sp, idx, (child.hpfn << 12) | SPTE_TABLE)
             sp, level = child, child_level
@@ -419,7 +422,7 @@ class ShadowMMU:
             self.set_spte(sp, idx, spte)
             return EMULATE, walk.paddr          # MMIO (or nothing) behind the gpa
         if write and self.is_shadowed(gfn):
-            if user:
+            if user and not self._table_in_use(gfn, walk):
                 # user code does not write its own page tables: stop shadowing them
                 self.stats["unshadowed_user_write"] += 1
                 self.unshadow(gfn)
@@ -431,6 +434,13 @@ class ShadowMMU:
                 return EMULATE, walk.paddr
         self.set_spte(sp, idx, spte)
         return HANDLED, None
+
+    def _table_in_use(self, gfn: int, walk) -> bool:
+        """A table this very walk went through, or a vCPU's root: unshadowing it would
+        only shadow it again on the next fault (a livelock), so emulate instead."""
+        if any(addr >> 12 == gfn for _, addr, _ in walk.entries):
+            return True
+        return any(sp.root_count for sp in self.shadowed.get(gfn, ()))
 
     def _leaf_value(self, vcpu, sp: ShadowPage, gfn: int, rights: int, dirty: bool, gleaf: int) -> int:
         """A leaf spte for gfn with the given rights (KVM's set_pte body)."""

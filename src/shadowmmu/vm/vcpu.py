@@ -257,22 +257,22 @@ class VCpu:
             self.events.exit("cr_access", what)
 
     def write_cr0(self, value: int) -> None:
-        old = self.guest.cr0
+        old, pdptes = self.guest.cr0, self.guest.pdptes
         self._cr_exit(f"CR0 <- {value:#x}")
         self.guest.write_cr0(value, self.gmem)
-        self._after_mode_write(old ^ value, 0, 0)
+        self._after_mode_write(old ^ value, 0, 0, pdptes)
 
     def write_cr4(self, value: int) -> None:
-        old = self.guest.cr4
+        old, pdptes = self.guest.cr4, self.guest.pdptes
         self._cr_exit(f"CR4 <- {value:#x}")
         self.guest.write_cr4(value, self.gmem)
-        self._after_mode_write(0, old ^ value, 0)
+        self._after_mode_write(0, old ^ value, 0, pdptes)
 
     def write_efer(self, value: int) -> None:
         old = self.guest.efer
         self._cr_exit(f"EFER <- {value:#x}")
         self.guest.write_efer(value, self.gmem)
-        self._after_mode_write(0, 0, old ^ self.guest.efer)
+        self._after_mode_write(0, 0, old ^ self.guest.efer, self.guest.pdptes)
 
     def write_cr3(self, value: int) -> None:
         self._cr_exit(f"CR3 <- {value:#x}")
@@ -282,7 +282,7 @@ class VCpu:
         else:
             self.vm.mmu.new_cr3(self)
 
-    def _after_mode_write(self, d_cr0: int, d_cr4: int, d_efer: int) -> None:
+    def _after_mode_write(self, d_cr0: int, d_cr4: int, d_efer: int, old_pdptes: tuple) -> None:
         flush_bits = CR4_PGE | CR4_PAE | CR4_PSE | CR4_SMEP | CR4_LA57
         if self.native:
             if d_cr0 & CR0_PG or d_cr4 & flush_bits or d_efer & EFER_LME:
@@ -293,8 +293,8 @@ class VCpu:
             mmu.zap_all()            # 32-bit PDEs mean something else now
         role_bits = (d_cr0 & (CR0_PG | 0x10000) or d_cr4 & (CR4_PAE | CR4_LA57 | CR4_SMEP | CR4_SMAP | CR4_PKE
                                                           | CR4_PSE) or d_efer)
-        if role_bits:
-            mmu.reset_context(self)
+        if role_bits or self.guest.pdptes != old_pdptes:
+            mmu.reset_context(self)     # new role, or new PAE roots
         else:
             self.tlb.flush()
 
@@ -307,6 +307,11 @@ class VCpu:
             self.write_cr4(cr4)
         else:
             self.write_cr3(self.guest.cr3)
+
+    def invalidate_all(self) -> None:
+        """INVPCID type 2 (all contexts, global entries too): flushes the TLB without
+        touching a control register, so it neither exits nor reloads PAE PDPTEs."""
+        self.tlb.flush()
 
     def invlpg(self, vaddr: int) -> None:
         """INVLPG: in 2007 not intercepted (write protection keeps sptes in sync)."""

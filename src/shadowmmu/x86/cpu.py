@@ -91,9 +91,10 @@ class CpuState:
 
     # --- register writes ------------------------------------------------------
     def load(self, mem=None, *, cr0: int | None = None, cr3: int | None = None, cr4: int | None = None,
-             efer: int | None = None) -> None:
+             efer: int | None = None, reload_pdptes: bool = True) -> None:
         """Set several registers in the order a boot path does (CR4, EFER, CR3, CR0),
-        validating only the final combination."""
+        validating only the final combination.  In PAE mode the PDPTE registers are
+        (re)loaded unless ``reload_pdptes`` is False."""
         old = (self.cr0, self.cr3, self.cr4, self.efer, self.pdptes, self.pdpte_addrs)
         if cr4 is not None:
             self.cr4 = cr4
@@ -106,7 +107,7 @@ class CpuState:
         try:
             self._validate()
             self._set_lma()
-            if self._pae_legacy():
+            if self._pae_legacy() and reload_pdptes:
                 self._load_pdptes(mem)
             self._update()
         except GeneralProtection:
@@ -114,8 +115,12 @@ class CpuState:
             self._update()
             raise
 
+    # SDM 4.4.1: which writes load the PAE PDPTEs (CR0.CD/NW/PG; CR4.PAE/PGE/PSE/SMEP; CR3).
+    _CR0_PDPTE_BITS = CR0_PG | (1 << 30) | (1 << 29)
+    _CR4_PDPTE_BITS = CR4_PAE | CR4_PGE | CR4_PSE | CR4_SMEP
+
     def write_cr0(self, value: int, mem=None) -> None:
-        self.load(mem, cr0=value)
+        self.load(mem, cr0=value, reload_pdptes=bool((value ^ self.cr0) & self._CR0_PDPTE_BITS))
 
     def write_cr3(self, value: int, mem=None) -> None:
         self.load(mem, cr3=value)
@@ -123,12 +128,12 @@ class CpuState:
     def write_cr4(self, value: int, mem=None) -> None:
         if (self.efer & EFER_LMA) and (value ^ self.cr4) & CR4_LA57:
             raise GeneralProtection("CR4.LA57 cannot change while long mode is active")
-        self.load(mem, cr4=value)
+        self.load(mem, cr4=value, reload_pdptes=bool((value ^ self.cr4) & self._CR4_PDPTE_BITS))
 
     def write_efer(self, value: int, mem=None) -> None:
         if (self.cr0 & CR0_PG) and (value ^ self.efer) & EFER_LME:
             raise GeneralProtection("EFER.LME cannot change while paging is enabled")
-        self.load(mem, efer=value)
+        self.load(mem, efer=value, reload_pdptes=False)
 
     def _validate(self) -> None:
         if self.cr0 & CR0_PG and not self.cr0 & CR0_PE:

@@ -21,7 +21,8 @@ paging mode   reserved top-level slot      reserved virtual range
 off           (none)                       none (harness code runs at its
                                            physical address, see below)
 32-bit        PDE 1023 (``cr3 + 0xffc``)   ``0xffc00000 .. 0xffffffff``
-PAE           PDPTE 3 (``cr3 + 0x18``)     ``0xc0000000 .. 0xffffffff``
+PAE           PDPTE 3 (``(cr3 & ~0x1f)     ``0xc0000000 .. 0xffffffff``
+              + 0x18``)
 4-level       PML4E 511 (``pml4 + 0xff8``) ``0xffffff8000000000 .. 2**64-1``
 5-level       PML5E 511 (``pml5 + 0xff8``) ``0xffff000000000000 .. 2**64-1``
 ============  ===========================  ===================================
@@ -61,8 +62,47 @@ e.g. ``0x90`` (nop), ``0xf4`` (hlt) or ``0xc3`` (ret).  It never executes.
 Exceptions are never delivered to a guest IDT: a #PF stops the run and is
 reported as ``fault=(cr2, error_code)``; any other exception or emulator
 failure is reported in ``other`` (e.g. ``"#GP(0x0)"`` for a non-canonical
-address in long mode).  QEMU keeps ``env->error_code`` in the saved CPU
-context; see ``ERROR_CODE_OFFSET``.
+address in long mode, ``"unicorn error: Invalid memory read
+(UC_ERR_READ_UNMAPPED)"`` when the translation leads to a frame that is not
+in ``pages``).  QEMU keeps ``env->error_code`` in the saved CPU context; see
+``ERROR_CODE_OFFSET``.
+
+Each call is independent: the caller's pages are (re)written, pages of the
+previous call that are absent are unmapped, a clean CPU context (no pending
+exception, so no #DF) is restored, the control registers are written in the
+order CR4, EFER, CR3, CR0, and QEMU's TLB (and, for fetches, its translated
+code) is flushed.  About 20 000 accesses/s with a handful of pages.
+
+Harness layout (offsets from ``HARNESS_PHYS_BASE`` and from the harness
+virtual base; only the first three pages are mapped virtually)::
+
+    +0x0000  supervisor code: wrpkru; iret; CPL0 access instructions
+    +0x1000  user code: CPL3 access instructions
+    +0x2000  supervisor data: GDT, IRET frame (the CPL0 stack)
+    +0x3000  PT   (8-byte entries) mapping the three pages above
+    +0x4000  PD   entry 510 -> PT      (PAE: the PDPTE 3 target)
+    +0x5000  PDPT entry 511 -> PD      (4-level: the PML4E 511 target)
+    +0x6000  PML4 entry 511 -> PDPT    (5-level: the PML5E 511 target)
+    +0x7000  PT32 (4-byte entries)     (32-bit: the PDE 1023 target)
+
+QEMU behaviour worth knowing when comparing with the SDM (QEMU 5.0 in
+unicorn 2.1.4, Icelake-Server model, MAXPHYADDR 40):
+
+* A is set on every non-leaf entry the walk passes, also when the walk then
+  faults at a lower level.
+* A 1 GiB PDPTE leaf gains A even when the access then faults (protection
+  or reserved bit); 2 MiB/4 MiB/4 KiB leaves stay untouched on a fault.
+* PAE PDPTEs are read on every walk, not at CR3 load; their reserved bits
+  2:1 and 8:5 are ignored, and bits >= MAXPHYADDR or bit 63 give a #PF with
+  RSVD instead of a #GP at MOV CR3.
+* A page-crossing access whose second page faults first sets A (and D for a
+  write) on the first page's leaf, then faults with CR2 = the second page;
+  nothing is written.
+* A paging-structure entry that points to a frame not in ``pages`` reads as
+  0 (not present); no error is reported for it.
+* No #AC: a misaligned CPL3 access with CR0.AM=1 and EFLAGS.AC=1 succeeds.
+* The engine runs the Icelake-Server model (1 GiB pages, LA57, PKU, SMEP,
+  SMAP); on unicorn's default model CR4.SMAP would be silently ignored.
 """
 
 from __future__ import annotations
@@ -94,6 +134,7 @@ __all__ = [
     "RESERVED_VIRT",
     "ERROR_CODE_OFFSET",
     "paging_mode",
+    "derive_error_code_offset",
 ]
 
 PAGE = 0x1000
@@ -189,7 +230,7 @@ _NONLEAF = _P | _W | _U | _A
 _LEAF_S = _P | _W | _A | _D
 _LEAF_U = _LEAF_S | _U
 
-_CR0_PE, _CR0_MP, _CR0_EM, _CR0_TS = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_CR0_PE, _CR0_EM, _CR0_TS, _CR0_WP = 1 << 0, 1 << 2, 1 << 3, 1 << 16
 _CR0_PG = 1 << 31
 _CR4_PAE, _CR4_LA57, _CR4_PKE = 1 << 5, 1 << 12, 1 << 22
 _EFER_LME, _EFER_LMA = 1 << 8, 1 << 10
@@ -210,8 +251,10 @@ _EXC_WITH_CODE = {8, 10, 11, 12, 13, 14, 17}
 #: 0x21, 0x25, 0x27: not-present, protection, RSVD, NX, SMAP, SMEP, PKU) were
 #: provoked in both the 32-bit (PAE) and the long-mode engine, and every byte
 #: offset of the context was tested for the expected little-endian int32; 5424
-#: was the only offset matching in all of them.  ``QemuMmu`` re-verifies it at
-#: construction (``_self_check``) and refuses to run if it does not hold.
+#: was the only offset matching in all of them (``derive_error_code_offset()``
+#: repeats that search).  ``QemuMmu`` re-verifies it at construction
+#: (``_self_check``: three faults with codes 6, 0, 4 in a row, which also
+#: proves that no #DF builds up) and raises RuntimeError if it does not hold.
 ERROR_CODE_OFFSET = 5424
 
 
@@ -531,3 +574,61 @@ class QemuMmu:
             if out.memory != pages:
                 raise RuntimeError("QemuMmu self-check failed: the caller's page changed")
         self._load_pages({})
+
+
+class _UncheckedQemuMmu(QemuMmu):
+    def _self_check(self) -> None:
+        pass
+
+
+def derive_error_code_offset() -> list[int]:
+    """Re-derive ``ERROR_CODE_OFFSET`` (e.g. for another unicorn release):
+    provoke #PFs with known, distinct error codes in both engines and return
+    every context offset whose int32 matched all of them (expect one)."""
+    p, w, u, nx, rsvd = _P, _W, _U, 1 << 63, 1 << 51
+    cases = [  # (pte flags, cpl, kind, cr4 extra, pkru, expected error code)
+        (0, 0, "read", 0, 0, 0x0), (0, 0, "write", 0, 0, 0x2),
+        (0, 3, "read", 0, 0, 0x4), (0, 3, "write", 0, 0, 0x6),
+        (p | w, 3, "read", 0, 0, 0x5), (p, 0, "write", 0, 0, 0x3),
+        (p | u, 3, "write", 0, 0, 0x7), (p | w | u | nx, 3, "fetch", 0, 0, 0x15),
+        (p | w | rsvd, 0, "read", 0, 0, 0x9), (p | w | u | rsvd, 3, "write", 0, 0, 0xF),
+        (p | w | u, 0, "read", 1 << 21, 0, 0x1), (p | w | u | nx, 0, "fetch", 0, 0, 0x11),
+        (p | w | u | (1 << 59), 3, "read", _CR4_PKE, 0b1100, 0x25),
+        (p | w | u | (1 << 59), 3, "write", _CR4_PKE, 0b1000, 0x27),
+    ]
+    va = 0x405123
+    candidates: set[int] | None = None
+    for long_mode in (True, False):
+        mmu = _UncheckedQemuMmu(long_mode)
+        for leaf, cpl, kind, cr4x, pkru, expected in cases:
+            if cr4x & _CR4_PKE and not long_mode:
+                continue
+            tables = {}
+
+            def put(pfn, idx, val):
+                page = tables.setdefault(pfn, bytearray(PAGE))
+                struct.pack_into("<Q", page, idx * 8, val)
+
+            if long_mode:  # PML4 0x10 -> PDPT 0x11 -> PD 0x12 -> PT 0x13
+                put(0x10, 0, 0x11000 | p | w | u)
+                put(0x11, 0, 0x12000 | p | w | u)
+                efer, cr3 = _EFER_LME | _EFER_LMA | 0x800, 0x10000
+            else:  # PAE: PDPT at 0x10000 -> PD 0x12 -> PT 0x13
+                put(0x10, 0, 0x12000 | p)
+                efer, cr3 = 0x800, 0x10000
+            put(0x12, 2, 0x13000 | p | w | u)
+            put(0x13, 5, 0x20000 | leaf)
+            tables[0x20] = bytearray(b"\x90" * PAGE)
+            out = mmu.access({k: bytes(v) for k, v in tables.items()},
+                             cr0=_CR0_PG | _CR0_WP | _CR0_PE,
+                             cr3=cr3, cr4=_CR4_PAE | cr4x, efer=efer, cpl=cpl, ac=False,
+                             pkru=pkru, vaddr=va, kind=kind, size=1,
+                             value=b"\0" if kind == "write" else None)
+            if out.fault is None or out.fault[0] != va:
+                raise RuntimeError(f"expected a #PF at {va:#x} for {(leaf, cpl, kind)}, "
+                                   f"got fault={out.fault} other={out.other}")
+            raw = mmu._context_bytes()
+            hits = {i for i in range(len(raw) - 3)
+                    if struct.unpack_from("<i", raw, i)[0] == expected}
+            candidates = hits if candidates is None else candidates & hits
+    return sorted(candidates or ())
