@@ -36,7 +36,7 @@ from ..x86.formats import PagingMode
 from ..x86.walker import translate
 from .shadow_page import ShadowPage
 from .spte import (
-    ACC_ALL, ACC_U, ACC_W, ACC_X, SPTE_A, SPTE_ADDR, SPTE_D, SPTE_GUEST_W, SPTE_MMIO,
+    ACC_ALL, ACC_DIRTY, ACC_U, ACC_W, ACC_X, SPTE_A, SPTE_ADDR, SPTE_D, SPTE_GUEST_W, SPTE_MMIO,
     SPTE_NX, SPTE_P, SPTE_TABLE, SPTE_U, SPTE_W, Role, gpte_access,
 )
 
@@ -245,7 +245,8 @@ class ShadowMMU:
         g = vcpu.guest
         wp = bool(g.cr0 & CR0_WP)
         return Role(level=0, glevels=GUEST_LEVELS[g.mode], nxe=bool(g.efer & EFER_NXE), cr0_wp=wp,
-                    smep_andnot_wp=bool(g.cr4 & CR4_SMEP) and not wp)
+                    smep_andnot_wp=bool(g.cr4 & CR4_SMEP) and not wp,
+                    smap_andnot_wp=bool(g.cr4 & CR4_SMAP) and not wp)
 
     def reset_context(self, vcpu) -> None:
         """Paging mode, CR0.WP, EFER.NXE or CR4 bits changed: new roots of the new role."""
@@ -374,7 +375,10 @@ class ShadowMMU:
                 # and moves to the writable twin (KVM's direct_access)
                 span = 9 * child_level
                 gfn = ((walk.paddr >> 12) >> span) << span
-                direct_access = access_above if walk.dirty or not walk.entries else access_above & ~ACC_W
+                if walk.dirty or not walk.entries:
+                    direct_access = access_above | ACC_DIRTY
+                else:
+                    direct_access = access_above & ~ACC_W
                 role = base._replace(level=child_level, direct=True, access=direct_access)
             else:
                 gfn = (ge & (SPTE_ADDR if wide else 0xFFFFF000)) >> 12

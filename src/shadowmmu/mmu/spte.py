@@ -41,6 +41,7 @@ SPTE_TABLE = SPTE_P | SPTE_W | SPTE_U | SPTE_A
 # access rights, as in the x86 permission table index
 ACC_W, ACC_U, ACC_X = 1, 2, 4
 ACC_ALL = ACC_W | ACC_U | ACC_X
+ACC_DIRTY = 8            # direct pages only: the guest large page is dirty
 
 
 class Role(NamedTuple):
@@ -55,7 +56,10 @@ class Role(NamedTuple):
       the gfn is then the first frame mapped.  "Is this gfn shadowed" ignores these.
     - ``access``: rights inherited from the upper levels (ACC_W|U|X); the leaf
       gets access & gpte (KVM's 2007 fix for the seed's update_pte bug).
-    - ``nxe``, ``cr0_wp``, ``smep_andnot_wp``: guest state the sptes depend on.
+      A direct page also records whether the guest's large page is dirty
+      (``ACC_DIRTY``): its sptes are writable only then.
+    - ``nxe``, ``cr0_wp``, ``smep_andnot_wp``, ``smap_andnot_wp``: guest state the
+      sptes depend on (the last two matter only for CR0.WP=0 supervisor-write sptes).
     """
     level: int
     glevels: int
@@ -65,10 +69,13 @@ class Role(NamedTuple):
     nxe: bool = False
     cr0_wp: bool = True
     smep_andnot_wp: bool = False
+    smap_andnot_wp: bool = False
 
     def describe(self) -> str:
         kind = "direct" if self.direct else f"g{self.glevels}"
         acc = "".join(c if self.access & b else "-" for c, b in (("W", ACC_W), ("U", ACC_U), ("X", ACC_X)))
+        if self.direct and self.access & ACC_DIRTY:
+            acc += "D"
         return f"L{self.level} {kind} q{self.quadrant} {acc}{'' if self.cr0_wp else ' wp0'}"
 
 

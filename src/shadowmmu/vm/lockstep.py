@@ -258,6 +258,7 @@ def execute(vm: VM, op: Op):
             return "ok"
         if op.kind == "nxe":
             v.write_efer((v.guest.efer | EFER_NXE) if op.args[0] else (v.guest.efer & ~EFER_NXE))
+            v.invalidate_all()       # the SDM does not say WRMSR(EFER) flushes the TLB; Linux would
             return "ok"
         if op.kind == "ac":
             v.set_ac(op.args[0])

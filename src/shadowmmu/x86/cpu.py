@@ -107,6 +107,9 @@ class CpuState:
         try:
             self._validate()
             self._set_lma()
+            if self.efer & EFER_LMA and self.cr3 & mask(self.maxphyaddr, 51):
+                raise GeneralProtection(f"CR3 {self.cr3:#x} sets address bits at or above MAXPHYADDR "
+                                        f"({self.maxphyaddr})")
             if self._pae_legacy() and reload_pdptes:
                 self._load_pdptes(mem)
             self._update()
