@@ -77,8 +77,8 @@ class ShadowMMU:
                  seed_access_bug: bool = False, events=None):
         if pte_write not in POLICIES:
             raise ValueError(f"pte_write policy must be one of {POLICIES}, got {pte_write!r}")
-        if len(pool_frames) < 24:
-            raise ValueError(f"the shadow page pool needs at least 24 frames, got {len(pool_frames)}")
+        if len(pool_frames) < 16:
+            raise ValueError(f"the shadow page pool needs at least 16 frames, got {len(pool_frames)}")
         self.host = host
         self.gmem = gmem
         self.policy = pte_write

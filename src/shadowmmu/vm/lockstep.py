@@ -65,6 +65,21 @@ class RandomChooser(Chooser):
         return self.rng.random() < p
 
 
+class HypothesisChooser(Chooser):
+    """Decisions drawn from hypothesis's ``st.data()``, so failing programs shrink."""
+
+    def __init__(self, data):
+        from hypothesis import strategies as st
+        self.data = data
+        self.st = st
+
+    def choice(self, options):
+        return self.data.draw(self.st.sampled_from(list(options)))
+
+    def chance(self, p: float) -> bool:
+        return self.data.draw(self.st.integers(0, 99)) < p * 100
+
+
 # ------------------------------------------------------------------ the world
 def _test_indices(mode: PagingMode):
     """Per level, top first, the entry indices test addresses use."""
