@@ -9,8 +9,10 @@ from .events import EventLog
 from .memslots import GuestPhysical, Memslot, MmioRegion
 from .vcpu import VCpu
 
-# Guest RAM starts at this host frame, so a gpa is never accidentally an hpa.
-RAM_HOST_BASE_PFN = 0x100
+# Host layout: the shadow page pool (and the vCPUs' PAE root tables, which a 32-bit
+# CR3 must reach) from this frame up, below 4 GB; guest RAM after it, so a gpa is
+# never accidentally an hpa.
+POOL_HOST_BASE_PFN = 0x100
 MAX_RAM = 64 << 30
 
 
@@ -36,10 +38,13 @@ class VM:
         self.native = native
         self.maxphyaddr = maxphyaddr
         self.ram_pages = ram_size >> 12
-        pool_base = RAM_HOST_BASE_PFN + self.ram_pages
+        if not native and POOL_HOST_BASE_PFN + pool_pages + nr_vcpus > 1 << 20:
+            raise ValueError(f"a pool of {pool_pages} shadow pages does not fit below 4 GB")
+        pool_base = POOL_HOST_BASE_PFN
         extra = 0 if native else pool_pages + nr_vcpus
-        self.host = PhysicalMemory((pool_base + extra + 1) << 12, maxphyaddr=52)
-        self.slots = [Memslot(0, self.ram_pages, RAM_HOST_BASE_PFN, id=0)]
+        ram_base = pool_base + extra
+        self.host = PhysicalMemory((ram_base + self.ram_pages) << 12, maxphyaddr=52)
+        self.slots = [Memslot(0, self.ram_pages, ram_base, id=0)]
         self.mmio: list[MmioRegion] = []
         self.gmem = GuestPhysical(self.host, self.slots, self.mmio)
         self.events = EventLog(tracing)

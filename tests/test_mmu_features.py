@@ -1,0 +1,240 @@
+"""Shadow MMU mechanisms one by one: write protection, flooding, misaligned writes,
+MMIO, dirty logging, reclaim bound, 5-level guests, audit, and bad input."""
+
+import pytest
+
+from mini_guest import KERNEL_FRAMES, USER_BASE, MiniGuest
+from shadowmmu.mmu import AuditError
+from shadowmmu.vm import VM, GuestCrash
+from shadowmmu.x86 import PageFault
+from shadowmmu.x86.builder import control_registers
+from shadowmmu.x86.formats import PagingMode
+
+
+def booted(guest="64", **kw):
+    vm = VM(16 << 20, **kw)
+    return vm, MiniGuest(vm, guest)
+
+
+def test_a_shadowed_page_table_is_never_writable_through_any_spte():
+    vm, g = booted()
+    v = vm.vcpu
+    v.set_cpl(3)
+    v.store(USER_BASE, 1, 8)
+    v.set_cpl(0)
+    pt = g.pte_addr(USER_BASE) >> 12
+    assert vm.mmu.is_shadowed(pt)
+    assert pt not in vm.mmu.rmap                   # no writable spte maps it
+    before = vm.events.exits["pte_write"]
+    v.store(g.pte_addr(USER_BASE + 8 * 4096), 0, 8)     # kernel store to the table: trapped
+    assert vm.events.exits["pte_write"] == before + 1
+    vm.audit()
+
+
+def test_three_consecutive_writes_to_one_table_unshadow_it():
+    """The fork/flood detector: at the third emulated write in a row to one gfn, its
+    shadow pages are zapped and the guest writes it freely from then on."""
+    vm, g = booted()
+    v = vm.vcpu
+    v.set_cpl(3)
+    v.store(USER_BASE, 1, 8)
+    v.set_cpl(0)
+    pt_addr = g.pte_addr(USER_BASE + 4096)
+    pt = pt_addr >> 12
+    for i in range(3):
+        assert vm.mmu.is_shadowed(pt)
+        v.store(pt_addr + 8 * (10 + i), 0, 8)
+    assert not vm.mmu.is_shadowed(pt)
+    assert vm.mmu.stats["flooded"] == 1
+    exits = vm.events.total_exits
+    v.store(pt_addr + 8 * 20, 0, 8)              # the table is an ordinary page now
+    assert vm.events.total_exits in (exits, exits + 1)   # at most the fault making the spte writable
+    vm.audit()
+
+
+def test_a_guest_fault_in_between_resets_the_flood_count():
+    vm, g = booted()
+    v = vm.vcpu
+    v.set_cpl(3)
+    v.store(USER_BASE, 1, 8)
+    v.set_cpl(0)
+    pt_addr = g.pte_addr(USER_BASE)
+    v.store(pt_addr + 8 * 10, 0, 8)
+    v.store(pt_addr + 8 * 11, 0, 8)
+    v.set_cpl(3)
+    v.load(USER_BASE + 40 * 4096, 8)           # demand fault: injected, count reset
+    v.set_cpl(0)
+    v.store(pt_addr + 8 * 12, 0, 8)
+    assert vm.mmu.is_shadowed(pt_addr >> 12)
+    vm.audit()
+
+
+@pytest.mark.parametrize("size,offset,zapped", [(2, 0, True), (4, 4, False), (8, 4, True), (1, 7, True)])
+def test_a_misaligned_pte_write_zaps_and_a_partial_one_clears(size, offset, zapped):
+    """KVM's rule: a write shorter than 4 bytes or crossing a pte boundary zaps the
+    shadow page; an aligned 4-byte write into an 8-byte pte only clears that spte."""
+    vm, g = booted()
+    v = vm.vcpu
+    v.set_cpl(3)
+    v.store(USER_BASE, 1, 8)
+    v.set_cpl(0)
+    pt_addr = g.pte_addr(USER_BASE)
+    v.store(pt_addr + offset, 0, size)
+    assert (vm.mmu.stats["misaligned_zaps"] >= 1) is zapped
+    assert vm.mmu.is_shadowed(pt_addr >> 12) is not zapped
+    v.set_cpl(3)
+    got = v.load(USER_BASE, 8)                 # the guest's edit took effect, whatever it was
+    vm.audit()
+    nv, ng = VM(16 << 20, native=True), None
+    ng = MiniGuest(nv, "64")
+    nv.vcpu.set_cpl(3)
+    nv.vcpu.store(USER_BASE, 1, 8)
+    nv.vcpu.set_cpl(0)
+    nv.vcpu.store(ng.pte_addr(USER_BASE) + offset, 0, size)
+    nv.vcpu.invalidate_all()
+    nv.vcpu.set_cpl(3)
+    assert nv.vcpu.load(USER_BASE, 8) == got
+
+
+class Device:
+    def __init__(self):
+        self.log = []
+
+    def read(self, gpa, size):
+        self.log.append(("r", gpa, size))
+        return 0xAB
+
+    def write(self, gpa, size, value):
+        self.log.append(("w", gpa, size, value))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_mmio_accesses_reach_the_device_every_time(native):
+    vm = VM(16 << 20, native=native)
+    dev = Device()
+    vm.add_mmio(0xFEE00000, 0x1000, dev)
+    g = MiniGuest(vm, "64")
+    v = vm.vcpu
+    v.store(g.pte_addr(0x7000_0000), 0xFEE00000 | 0x63, 8)      # kernel maps the device
+    for _ in range(3):
+        assert v.load(0x7000_0010, 4) == 0xAB
+    v.store(0x7000_0020, 5, 4)
+    assert dev.log == [("r", 0xFEE00010, 4)] * 3 + [("w", 0xFEE00020, 4, 5)]
+    if not native:
+        assert vm.events.exits["mmio"] == 4         # an MMIO spte never maps: every access exits
+        vm.audit()
+
+
+def test_dirty_log_never_misses_a_written_page():
+    vm, g = booted()
+    v = vm.vcpu
+    slot = vm.slots[0]
+    v.set_cpl(3)
+    for i in range(8):
+        v.store(USER_BASE + i * 4096, i + 1, 8)
+    vm.mmu.enable_dirty_log(slot)
+    vm.audit()
+    for i in (1, 3, 5, 9):
+        v.store(USER_BASE + i * 4096 + 16, 0x55, 8)
+    v.set_cpl(0)
+    written = {g.pte_gpa(USER_BASE + i * 4096) for i in (1, 3, 5, 9)} if hasattr(g, "pte_gpa") else None
+    dirty = set(vm.mmu.get_dirty_log(slot))
+    for i in (1, 3, 5, 9):
+        gpa = vm.mmu.gva_to_gpa(v, USER_BASE + i * 4096)
+        assert gpa >> 12 in dirty
+    assert written is None or written <= dirty
+    # after get-and-clear, the pages are write-protected again and a new write is logged
+    v.set_cpl(3)
+    v.store(USER_BASE + 3 * 4096, 7, 8)
+    assert {vm.mmu.gva_to_gpa(v, USER_BASE + 3 * 4096) >> 12} <= set(vm.mmu.get_dirty_log(slot))
+    vm.audit()
+
+
+def test_gva_to_gpa_has_no_side_effects_and_faults_like_the_guest():
+    vm, g = booted()
+    v = vm.vcpu
+    v.set_cpl(3)
+    v.store(USER_BASE, 1, 8)
+    gpa = vm.mmu.gva_to_gpa(v, USER_BASE + 0x123)
+    assert gpa & 0xFFF == 0x123
+    with pytest.raises(PageFault) as e:
+        vm.mmu.gva_to_gpa(v, USER_BASE + 100 * 4096)
+    assert e.value.error_code == 0
+
+
+def test_a_five_level_guest_runs_on_five_level_shadow_tables():
+    vm = VM(16 << 20)
+    v = vm.vcpu
+    # tables by guest stores, paging off: PML5 0x100 -> PML4 0x101 -> PDPT 0x102 -> PD 0x103 -> PT 0x104
+    for lvl in range(4):
+        v.store((0x100 + lvl) << 12, ((0x101 + lvl) << 12) | 0x27, 8)
+    v.store(0x104 << 12, (0x200 << 12) | 0x67, 8)          # va 0 -> gfn 0x200
+    v.store(0x200 << 12, 0x1234, 8)
+    v.setup_paging(**control_registers(PagingMode.LEVEL5, 0x100 << 12))
+    assert vm.vcpu.hw.mode is PagingMode.LEVEL5
+    assert v.load(0x10, 8) == 0 and v.load(0, 8) == 0x1234
+    assert v.load(0x0, 8) == 0x1234
+    vm.audit()
+
+
+def test_audit_catches_a_corrupted_rmap_and_a_stale_writable_spte():
+    vm, g = booted()
+    v = vm.vcpu
+    v.set_cpl(3)
+    v.store(USER_BASE, 1, 8)
+    v.set_cpl(0)
+    gfn = next(iter(vm.mmu.rmap))
+    vm.mmu.rmap[gfn].add(0xDEAD000)
+    with pytest.raises(AuditError, match="rmap is not exact"):
+        vm.audit()
+    vm.mmu.rmap[gfn].discard(0xDEAD000)
+    vm.audit()
+    # make a shadowed table writable behind the MMU's back
+    pt = g.pte_addr(USER_BASE) >> 12
+    for sp in vm.mmu.pages.values():
+        for i, spte in enumerate(sp.spt):
+            if sp.role.level == 1 and spte & 1 and vm.gmem.pfn_to_gfn(spte >> 12) == pt:
+                sp.spt[i] = spte | 2
+                with pytest.raises(AuditError):
+                    vm.audit()
+                return
+    pytest.fail("no spte maps the page table")
+
+
+def test_bad_vm_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        VM(1000)
+    with pytest.raises(ValueError, match="64 GiB"):
+        VM(128 << 30)
+    with pytest.raises(ValueError, match="pte_write policy"):
+        VM(1 << 20, pte_write="clear")
+    with pytest.raises(ValueError, match="at least 16"):
+        VM(1 << 20, pool_pages=4)
+    vm = VM(64 << 30, maxphyaddr=40)                       # 64 GiB, lazily backed
+    vm.vcpu.store((4 << 30) - 8, 0x77, 8)                  # paging off: the top of the low 4 GB
+    assert vm.vcpu.load((4 << 30) - 8, 8) == 0x77
+    assert len(vm.host.allocated_frames()) < 16
+
+
+def test_a_handler_that_never_fixes_the_fault_is_a_guest_crash_not_a_hang():
+    vm, g = booted()
+    v = vm.vcpu
+    v.set_fault_handler(lambda vcpu, a, e: None)
+    v.set_cpl(3)
+    with pytest.raises(GuestCrash, match="never resolved"):
+        v.load(USER_BASE, 8)
+
+
+def test_the_shadow_pool_bound_holds_under_a_large_address_space():
+    vm = VM(64 << 20, pool_pages=40)
+    g = MiniGuest(vm, "64")
+    v = vm.vcpu
+    v.set_cpl(3)
+    for i in range(64):
+        v.store(USER_BASE + i * (2 << 20), i, 8)          # a new page table every 2 MB
+        assert vm.mmu.nr_pages <= vm.mmu.pool_size
+    assert vm.mmu.stats["reclaimed"] > 0
+    for i in range(64):
+        assert v.load(USER_BASE + i * (2 << 20), 8) == i
+    vm.audit()
+    assert KERNEL_FRAMES
