@@ -8,7 +8,7 @@
 
 import pytest
 
-from mini_guest import USER_BASE, MiniGuest
+from shadowmmu.guest.minimal import USER_BASE, MiniGuest
 from shadowmmu.vm import VM
 
 

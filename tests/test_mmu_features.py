@@ -3,7 +3,7 @@ MMIO, dirty logging, reclaim bound, 5-level guests, audit, and bad input."""
 
 import pytest
 
-from mini_guest import KERNEL_FRAMES, USER_BASE, MiniGuest
+from shadowmmu.guest.minimal import KERNEL_FRAMES, USER_BASE, MiniGuest
 from shadowmmu.mmu import AuditError
 from shadowmmu.vm import VM, GuestCrash
 from shadowmmu.x86 import PageFault

@@ -81,7 +81,71 @@ def cmd_bench(args) -> int:
                       "n/a" if vol is None else f"{r['ratio']:.2f}x")
         console.print(t)
         return 0
+    if args.what == "mmu":
+        from .analysis.bench_mmu import bench_mmu
+        for guest in args.guest:
+            rows = bench_mmu(guest, args.pages)
+            t = Table(title=f"shadow MMU, {guest} guest: {args.pages} demand faults, then warm accesses")
+            for col in ("policy", "demand faults/s", "exits/fault", "warm TLB-hit accesses/s",
+                        "warm TLB-miss accesses/s"):
+                t.add_column(col, justify="right")
+            for r in rows:
+                t.add_row(r["policy"], f"{r['demand_faults_per_s']:,.0f}", f"{r['exits_per_fault']:.2f}",
+                          f"{r['tlb_hit_per_s']:,.0f}", f"{r['tlb_miss_per_s']:,.0f}")
+            console.print(t)
+        return 0
     raise UsageError(f"unknown benchmark {args.what!r}")
+
+
+# --- selfcheck ----------------------------------------------------------------
+def cmd_selfcheck(args) -> int:
+    """Long verification campaigns: the paging model against QEMU (--cases N), and
+    the shadow MMU against native paging in lockstep (--lockstep)."""
+    from rich.progress import Progress
+    console = Console()
+    if args.steps <= 0 or (args.cases is not None and args.cases <= 0):
+        raise UsageError("--steps and --cases must be positive")
+    failed = False
+    if args.lockstep:
+        from .vm.lockstep import GUESTS, campaign, shrink
+        guests = [args.guest] if args.guest else list(GUESTS)
+        policies = [args.policy] if args.policy else ["zap", "update"]
+        t = Table(title=f"lockstep: native vs shadow, {args.steps:,} steps each, seed {args.seed}"
+                  + (" (seed's update_pte rights)" if args.seed_bug else ""))
+        for col in ("guest", "policy", "steps", "result"):
+            t.add_column(col)
+        with Progress(console=console, transient=True) as progress:
+            for guest in guests:
+                for policy in policies:
+                    task = progress.add_task(f"{guest} {policy}", total=args.steps)
+                    d, n = campaign(GUESTS[guest], policy, steps=args.steps, seed=args.seed,
+                                    seed_bug=args.seed_bug, progress=lambda k: progress.advance(task, k))
+                    progress.remove_task(task)
+                    t.add_row(guest, policy, f"{n:,}", "[green]no divergence[/]" if d is None
+                              else f"[red]divergence at step {d.step}[/]")
+                    if d is not None:
+                        failed = True
+                        d = shrink(d, GUESTS[guest], policy, seed_bug=args.seed_bug)
+                        console.print(f"{guest} {policy}, shrunk to {d.step + 1} steps:\n{d}",
+                                      markup=False, highlight=False)
+        console.print(t)
+    if args.cases is not None:
+        try:
+            from .x86.differential import selfcheck
+        except ImportError as e:
+            raise UsageError(f"the QEMU differential check is unavailable: {e}") from None
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("paging model vs QEMU", total=args.cases)
+            result = selfcheck(args.cases, args.seed, progress=lambda k=1: progress.advance(task, k))
+        mismatches = result.get("mismatches", [])
+        console.print(f"paging model vs QEMU (unicorn): {args.cases:,} cases, seed {args.seed}: "
+                      + ("[green]no mismatch[/]" if not mismatches else f"[red]{len(mismatches)} mismatches[/]"))
+        for m in mismatches[:5]:
+            console.print(str(m), markup=False, highlight=False)
+        failed |= bool(mismatches)
+    if not args.lockstep and args.cases is None:
+        raise UsageError("say what to check: --lockstep and/or --cases N")
+    return 1 if failed else 0
 
 
 # --- demo ---------------------------------------------------------------------
@@ -129,9 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_walk)
 
     b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=("walk",))
-    b.add_argument("--pages", type=int, default=4096)
+    b.add_argument("what", choices=("walk", "mmu"))
+    b.add_argument("--pages", type=int, default=4000, help="mapped pages (walk) / demand faults (mmu)")
+    b.add_argument("--guest", nargs="+", choices=("32", "pae", "64"), default=["64"], help="mmu: guest formats")
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("selfcheck", help="verification campaigns (QEMU differential, lockstep)")
+    c.add_argument("--cases", type=int, help="random paging cases checked against QEMU's MMU")
+    c.add_argument("--lockstep", action="store_true", help="native vs shadow lockstep campaign")
+    c.add_argument("--steps", type=int, default=10_000, help="lockstep steps per guest format and policy")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--guest", choices=("32", "pae", "64"))
+    c.add_argument("--policy", choices=("zap", "update"))
+    c.add_argument("--seed-bug", action="store_true", help="use the seed's update_pte access bits (U|W)")
+    c.set_defaults(func=cmd_selfcheck)
 
     d = sub.add_parser("demo", help="the main job")
     d.set_defaults(func=cmd_demo)

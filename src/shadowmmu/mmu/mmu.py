@@ -56,7 +56,7 @@ class MMUError(RuntimeError):
 class VcpuMmuState:
     """Per-vCPU MMU state: roots, the PAE root table, the flood detector."""
 
-    __slots__ = ("roots", "pae_root_hpfn", "last_pt_write_gfn", "last_pt_write_count", "glevels")
+    __slots__ = ("roots", "pae_root_hpfn", "last_pt_write_gfn", "last_pt_write_count", "glevels", "base_role")
 
     def __init__(self, pae_root_hpfn: int):
         self.roots: list[ShadowPage | None] = []
@@ -64,6 +64,7 @@ class VcpuMmuState:
         self.last_pt_write_gfn = -1
         self.last_pt_write_count = 0
         self.glevels = -1
+        self.base_role = None
 
 
 class ShadowMMU:
@@ -276,6 +277,7 @@ class ShadowMMU:
         base = self._base_role(vcpu)
         glevels = base.glevels
         st.glevels = glevels
+        st.base_role = base
         roots: list[ShadowPage | None] = []
         if glevels >= 4:
             sp = self.get_page((g.cr3 & SPTE_ADDR) >> 12, base._replace(level=glevels))
@@ -346,9 +348,8 @@ class ShadowMMU:
 
     def fetch(self, vcpu, vaddr: int, access: int, walk):
         """Build the shadow path for a successful guest walk and install the leaf."""
-        g = vcpu.guest
         st = vcpu.mmu_state
-        base = self._base_role(vcpu)
+        base = st.base_role
         glevels = base.glevels
         wide = glevels >= 3
         nxe = base.nxe
@@ -368,7 +369,17 @@ class ShadowMMU:
             if ge is not None:
                 access_above &= gpte_access(ge, wide, nxe)
             child_level = level - 1
-            if glevels == 0 or gpage_level >= level:
+            large = glevels == 0 or gpage_level >= level
+            spte = sp.spt[idx]
+            if spte & SPTE_P and not large:
+                child = self.by_hpfn[(spte & SPTE_ADDR) >> 12]
+                if not child.role.direct:
+                    # write protection keeps a guest-table path in sync: any guest edit
+                    # of the entries above would have cleared this spte
+                    self.lru.move_to_end(child)
+                    sp, level = child, child_level
+                    continue
+            if large:
                 # guest large page (or no paging): a direct page of 4K sptes, keyed by
                 # the first frame it maps and the large page's rights -- without W
                 # while the guest entry is clean, so the first write refaults, sets D
@@ -528,7 +539,7 @@ class ShadowMMU:
         if ~gpte & (PTE_P | PTE_A):
             return
         g = vcpu.guest
-        cur = self._base_role(vcpu)
+        cur = vcpu.mmu_state.base_role
         if (sp.role.glevels, sp.role.nxe, sp.role.cr0_wp) != (cur.glevels, cur.nxe, cur.cr0_wp):
             return      # a page cached for another guest mode: the reserved-bit rules differ
         wide = sp.role.glevels >= 3

@@ -388,3 +388,17 @@ def campaign(mode: PagingMode, policy: str, *, steps: int, seed: int = 0, progra
         if progress is not None:
             progress(length)
     return None, done
+
+
+def shrink(d: Divergence, mode: PagingMode, policy: str, *, seed_bug: bool = False) -> Divergence:
+    """Greedily drop ops while the program still diverges: a short story to read."""
+    program = d.program[:d.step + 1]
+    i = 0
+    while i < len(program):
+        candidate = program[:i] + program[i + 1:]
+        dd = run_program(candidate, mode, policy, seed_bug=seed_bug)
+        if dd is not None:
+            program = candidate[:dd.step + 1]
+        else:
+            i += 1
+    return run_program(program, mode, policy, seed_bug=seed_bug) or d

@@ -196,9 +196,13 @@ class VCpu:
     def _perform(self, target: tuple[int, int], size: int, value: int | None):
         kind, addr = target
         if kind == 0:
+            f = self._host_frames.get(addr >> 12)
+            off = addr & 0xFFF
             if value is None:
-                return self.host.read_uint(addr, size)
-            self.host.write_uint(addr, value, size)
+                return 0 if f is None else int.from_bytes(f[0][off:off + size], "little")
+            if f is None:
+                f = self.host._alloc(addr >> 12)
+            f[0][off:off + size] = value.to_bytes(size, "little")
             return None
         if value is None:
             return self.gmem.read_uint(addr, size)

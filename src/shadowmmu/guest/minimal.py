@@ -1,6 +1,9 @@
-"""A minimal guest for MMU tests: builds its page tables with guest stores (paging
-off, so gva == gpa), identity-maps its low memory for the kernel, and has a demand
-fault handler that installs a pte -- A set, D on a write, as Linux does."""
+"""A minimal guest: the smallest thing that demand-pages, for MMU tests and benches.
+
+It builds its page tables with guest stores (paging off, so gva == gpa),
+identity-maps its low memory for the kernel, and has a demand fault handler that
+installs a pte -- A set, D on a write, as Linux does.  The Linux-like kernel of
+``shadowmmu.guest`` is the real guest; this one isolates the MMU's behaviour."""
 
 from shadowmmu.x86.builder import control_registers
 from shadowmmu.x86.formats import PagingMode
@@ -12,22 +15,25 @@ USER_BASE = 0x40000000
 
 
 class MiniGuest:
-    def __init__(self, vm, guest: str):
+    def __init__(self, vm, guest: str, kernel_frames: int = KERNEL_FRAMES):
         self.vm = vm
         self.v = vm.vcpu
         self.mode = GUESTS[guest]
         self.wide = self.mode is not PagingMode.BITS32
         self.esz = 8 if self.wide else 4
         self.next_frame = 0x100
+        self.kernel_frames = kernel_frames
         self.root = self.alloc()
         self.handled = []
-        for gfn in range(KERNEL_FRAMES):
+        for gfn in range(kernel_frames):
             self.v.store(self.pte_addr(gfn << 12), (gfn << 12) | P | W | A | D, self.esz)
         self.v.setup_paging(**control_registers(self.mode, self.root << 12, nxe=self.wide))
         self.v.set_fault_handler(self.on_fault)
 
     def alloc(self) -> int:
         gfn = self.next_frame
+        if gfn >= self.kernel_frames:
+            raise MemoryError(f"minimal guest: out of identity-mapped frames ({self.kernel_frames})")
         self.next_frame += 1
         return gfn
 
