@@ -148,6 +148,21 @@ def cmd_selfcheck(args) -> int:
     return 1 if failed else 0
 
 
+# --- trace --------------------------------------------------------------------
+def cmd_trace(args) -> int:
+    from .analysis.trace import GUEST_NAMES, trace_demand_fault
+    policies = [args.policy] if args.policy else ["zap", "update"]
+    for policy in policies:
+        lines, by_reason = trace_demand_fault(policy, args.guest)
+        total = sum(by_reason.values())
+        print(f"== one demand fault, {GUEST_NAMES[args.guest]} guest, pte_write={policy!r}: "
+              f"{total} VM exit{'s' if total != 1 else ''} "
+              f"({', '.join(f'{n} {r}' for r, n in by_reason.items()) or 'none'})")
+        print("\n".join(lines))
+        print()
+    return 0
+
+
 # --- demo ---------------------------------------------------------------------
 def cmd_demo(args) -> int:
     """A translation told step by step, in each paging mode."""
@@ -208,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed-bug", action="store_true", help="use the seed's update_pte access bits (U|W)")
     c.set_defaults(func=cmd_selfcheck)
 
+    tr = sub.add_parser("trace", help="narrate one guest event from the VM's event trace")
+    tr.add_argument("what", choices=("demand",))
+    tr.add_argument("--policy", choices=("zap", "update", "native"))
+    tr.add_argument("--guest", choices=("32", "pae", "64"), default="64")
+    tr.set_defaults(func=cmd_trace)
+
     d = sub.add_parser("demo", help="the main job")
     d.set_defaults(func=cmd_demo)
     return p
@@ -223,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:          # `shadowmmu ... | head`
+        return 0
 
 
 if __name__ == "__main__":

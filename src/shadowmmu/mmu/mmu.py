@@ -523,6 +523,12 @@ class ShadowMMU:
                 page_offset &= 0xFFF
             idx = page_offset >> 3
             new = int.from_bytes(data[:pte_size], "little") if nbytes >= pte_size else None
+            if self.events is not None:
+                act = ("install the spte from it" if self.policy == "update" and role.level == 1
+                       and new is not None else "clear the spte")
+                self.events.note("pte write", f"guest writes {int.from_bytes(data, 'little'):#x} to its "
+                                 f"level-{role.level} table gfn {gfn:#x} +{offset:#x}; policy "
+                                 f"{self.policy!r}: {act}")
             for i in range(idx, idx + npte):
                 self.set_spte(sp, i, 0)
                 self.stats["pte_zaps"] += 1
