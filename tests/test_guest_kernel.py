@@ -1,0 +1,240 @@
+"""The guest kernel: fault costs in exits, COW, SIGSEGV, frame accounting, sharing."""
+
+import pytest
+
+from shadowmmu.guest import GUEST_FORMATS, boot
+from shadowmmu.guest.kernel import Image
+from shadowmmu.guest.user import (
+    PROT_READ, PROT_WRITE, brk, exit_, fork, mmap, mprotect, munmap, wait,
+)
+from shadowmmu.vm import VM
+from shadowmmu.x86.walker import translate
+
+RAM = 4 << 20
+POLICIES = ("native", "zap", "update")
+STEADY = {"native": 0, "zap": 3, "update": 2}
+STEADY_REASONS = {"native": {}, "zap": {"pf_injected": 1, "pte_write": 1, "pf_fixed": 1},
+                  "update": {"pf_injected": 1, "pte_write": 1}}
+
+
+def make_vm(policy):
+    return VM(RAM, native=policy == "native", pte_write="update" if policy == "native" else policy)
+
+
+def boot_kernel(policy, guest, **kw):
+    vm = make_vm(policy)
+    k = boot(vm, guest, seed=1, **kw)
+    k.meter.keep_samples = 10_000
+    return vm, k
+
+
+def image(k, name="prog", text=2, data=1):
+    f = k.files.get(name) or k.new_file(name, text + data)
+    libc = k.files.get("libc") or k.new_file("libc", 5)
+    return Image(name, f, text, data, 0, ((libc, 4, 1),))
+
+
+@pytest.mark.parametrize("guest", GUEST_FORMATS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_steady_state_demand_fault_exits(policy, guest):
+    vm, k = boot_kernel(policy, guest)
+    n = 40
+
+    def prog(u):
+        addr = yield mmap(n)
+        u.write(addr, n, 1, tag=3)
+        u.verify()
+        yield exit_(0)
+    k.spawn(image(k), prog)
+    k.run()
+    samples = k.meter.samples["demand"]
+    assert len(samples) == n
+    # the first fault allocates the page table (its shadow does not exist yet): not steady state
+    for exits, reasons in samples[2:]:
+        assert exits == STEADY[policy]
+        assert reasons == STEADY_REASONS[policy]
+    assert k.events["demand_faults"] == n
+
+
+@pytest.mark.parametrize("guest", GUEST_FORMATS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_steady_state_cow_fault_exits_and_semantics(policy, guest):
+    vm, k = boot_kernel(policy, guest)
+    n = 24
+    seen = {}
+
+    def child(u, addr):
+        # the parent's values are visible in the child ...
+        assert u.read(addr, 1, 1) == (u.written[addr][0] ^ addr)
+        u.write(addr, n, 1, tag=77)                    # copy on write: the parent still holds each page
+        u.verify()
+        seen["child"] = [u.ld(addr + (i << 12)) for i in range(n)]
+        yield exit_(0)
+
+    def parent(u):
+        addr = yield mmap(n)
+        u.write(addr, n, 1, tag=5)
+        yield fork(child, addr)
+        yield wait()
+        k.meter.samples["cow"].clear()
+        # ... and the child's writes are not visible in the parent
+        u.verify()
+        seen["parent"] = [u.ld(addr + (i << 12)) for i in range(n)]
+        u.write(addr, n, 1, tag=6)                     # the last reference: reuse, no copy
+        u.verify()
+        yield exit_(0)
+    k.spawn(image(k), parent)
+    copied_before = k.events["pages_copied"]
+    k.run()
+    assert seen["child"] != seen["parent"]
+    assert k.events["cow_faults"] == 2 * n
+    assert k.events["cow_reused"] == n
+    assert k.events["pages_copied"] - copied_before >= n
+    samples = k.meter.samples["cow"]
+    assert len(samples) == n                            # the parent's reuse faults
+    for exits, reasons in samples[2:]:
+        assert exits == STEADY[policy]
+        assert reasons == STEADY_REASONS[policy]
+
+
+@pytest.mark.parametrize("guest", GUEST_FORMATS)
+def test_segv_kills_only_the_process(guest):
+    vm, k = boot_kernel("update", guest)
+    statuses = []
+
+    def bad_unmapped(u):
+        u.write(0x1000, 1, 1, tag=1)                 # nothing is mapped at 4 KB
+        yield exit_(0)
+
+    def bad_text_write(u):
+        u.write(u.text, 1, 1, tag=1)                 # text is read-only
+        yield exit_(0)
+
+    def bad_kernel(u):
+        u.ld(k.pg.page_offset + 0x100000)            # the direct map is supervisor-only
+        yield exit_(0)
+
+    def parent(u):
+        addr = yield mmap(4)
+        u.write(addr, 4, 4, tag=9)
+        for bad in (bad_unmapped, bad_text_write, bad_kernel):
+            yield fork(bad)
+            statuses.append((yield wait())[1])
+        u.verify()
+        yield exit_(0)
+    k.spawn(image(k), parent)
+    k.run()
+    assert statuses == [139, 139, 139]
+    assert k.events["segv"] == 3
+    assert len(k.segfaults) == 3
+
+
+@pytest.mark.parametrize("guest", GUEST_FORMATS)
+@pytest.mark.parametrize("policy", ("native", "update"))
+def test_fork_exit_frees_every_frame(policy, guest):
+    vm, k = boot_kernel(policy, guest)
+    free = {}
+
+    def child(u, addr):
+        u.write(addr, 4, 2, tag=2)
+        more = yield mmap(3)
+        u.write(more, 3, 2, tag=3)
+        yield exit_(0)
+
+    def parent(u):
+        addr = yield mmap(8)
+        u.write(addr, 8, 2, tag=1)
+        yield fork(child, addr)                      # warm: page cache, every table of the layout
+        yield wait()
+        free["before"] = k.nr_free()
+        for _ in range(5):
+            yield fork(child, addr)
+            yield wait()
+        free["after"] = k.nr_free()
+        u.verify()
+        yield exit_(0)
+    k.spawn(image(k), parent)
+    k.run()
+    assert free["before"] == free["after"]
+    # and when everything has exited only the page cache holds frames
+    assert k.nr_free() == k.boot_free - len(k.page_cache)
+
+
+@pytest.mark.parametrize("guest", GUEST_FORMATS)
+@pytest.mark.parametrize("policy", ("native", "zap"))
+def test_shared_library_pages_are_one_frame(policy, guest):
+    vm, k = boot_kernel(policy, guest)
+    frames = []
+
+    def gpa_of(va):
+        return translate(vm.gmem, vm.vcpu.guest, va, 0, set_ad=False).paddr
+
+    def other(u):
+        u.run(u.lib0, 4, 2)
+        frames.append([gpa_of(u.lib0 + (i << 12)) for i in range(4)])
+        yield exit_(0)
+
+    k.spawn(image(k, "a"), other)
+    k.spawn(image(k, "b"), other)
+    k.run()
+    assert len(frames) == 2 and frames[0] == frames[1]
+    libc = k.files["libc"]
+    assert [k.page_cache[(libc.ino, i)] for i in range(4)] == frames[0]
+    assert k.events["pages_read"] == 4               # read from "disk" once, mapped twice
+    assert k.events["page_cache_hits"] == 4
+
+
+@pytest.mark.parametrize("guest", GUEST_FORMATS)
+def test_munmap_mprotect_brk(guest):
+    vm, k = boot_kernel("update", guest)
+    out = {}
+
+    def after_munmap(u, addr):
+        u.ld(addr)
+        yield exit_(0)
+
+    def after_mprotect(u, addr):
+        u.write(addr, 1, 1, tag=4)
+        yield exit_(0)
+
+    def prog(u):
+        addr = yield mmap(6)
+        u.write(addr, 6, 2, tag=1)
+        yield munmap(addr + (2 << 12), 2)
+        u.forget(addr + (2 << 12), 2)
+        yield fork(after_munmap, addr + (2 << 12))
+        out["munmap"] = (yield wait())[1]
+        yield mprotect(addr, 2, PROT_READ)
+        yield fork(after_mprotect, addr)
+        out["mprotect"] = (yield wait())[1]
+        assert u.read(addr, 1, 1) == u.written[addr][0] ^ addr
+        yield mprotect(addr, 2, PROT_READ | PROT_WRITE)
+        u.write(addr, 2, 2, tag=8)                   # writable again (COW reuse of our own pages)
+        top = yield brk(0)
+        new = yield brk(top + (5 << 12))
+        u.write(top, 5, 2, tag=9)
+        yield brk(top + (2 << 12))
+        u.forget(top + (2 << 12), 3)
+        out["brk"] = (new - top) >> 12
+        u.verify()
+        yield exit_(0)
+    k.spawn(image(k), prog)
+    k.run()
+    assert out == {"munmap": 139, "mprotect": 139, "brk": 5}
+    assert k.nr_free() == k.boot_free - len(k.page_cache)
+
+
+@pytest.mark.parametrize("policy", ("zap", "update"))
+def test_pae_halves_defeats_update_pte(policy):
+    """i386 PAE writes a pte as two 4-byte halves: no store covers a whole pte, so
+    the seed's update_pte never fires and a demand fault costs 4 exits either way."""
+    vm, k = boot_kernel(policy, "pae", pae_halves=True)
+
+    def prog(u):
+        addr = yield mmap(20)
+        u.write(addr, 20, 1, tag=3)
+        yield exit_(0)
+    k.spawn(image(k), prog)
+    k.run()
+    for exits, reasons in k.meter.samples["demand"][2:]:
+        assert reasons == {"pf_injected": 1, "pte_write": 2, "pf_fixed": 1}
