@@ -20,34 +20,32 @@ _LARGE_SHIFTS = (21, 22, 30)
 
 
 class Tlb:
-    """Translation cache keyed by virtual page number per page size.
+    """Translation cache keyed by 4 KB virtual page number.
 
-    Entry: (page base paddr, rights index, dirty, global, pkey, leaf value for PK checks)."""
+    A 2 MB / 4 MB / 1 GB translation is cached as 4 KB pieces ("splinters", as
+    real TLBs may do), each filled on its first use, and indexed by the large
+    page so that INVLPG of any address inside it drops every piece: the
+    architectural effect of invalidating the large entry.  One dict lookup then
+    serves every hit, whatever the page size.
+
+    Entry: (page base paddr, rights index, dirty, global, pkey, leaf value, offset mask)."""
 
     def __init__(self, capacity: int = 1 << 16):
         self.capacity = capacity
-        self.small: dict[int, tuple] = {}                    # vaddr >> 12 -> entry
-        self.large: dict[int, dict[int, tuple]] = {s: {} for s in _LARGE_SHIFTS}
+        self.small: dict[int, tuple] = {}                         # vaddr >> 12 -> entry
+        self.large: dict[int, dict[int, set[int]]] = {s: {} for s in _LARGE_SHIFTS}   # large key -> vpns
         self.nr_large = 0
         self.hits = 0
         self.misses = 0
 
     # --- lookup ---------------------------------------------------------------
     def lookup(self, vaddr: int) -> tuple | None:
-        e = self.small.get(vaddr >> 12)
-        if e is None and self.nr_large:
-            for shift, d in self.large.items():
-                e = d.get(vaddr >> shift)
-                if e is not None:
-                    break
-        return e
+        return self.small.get(vaddr >> 12)
 
     def translate(self, mem, cpu: CpuState, vaddr: int, access: int = 0) -> int:
         """Physical address of ``vaddr`` for ``access``: from the TLB when a valid entry
         allows it, else by a walk (filling the TLB).  Raises PageFault like translate()."""
         e = self.small.get(vaddr >> 12)
-        if e is None and self.nr_large:
-            e = self.lookup(vaddr)
         if e is not None:
             acc = ((access & 6) << 2) | ((access & 16) << 1)
             if cpu.ac and not access & (ACC_USER | ACC_IMPLICIT):
@@ -57,7 +55,7 @@ class Tlb:
                     cpu.pk_active and r & R_U and not access & 16
                     and _pkey_denies(cpu, e[5], access & ACC_WRITE, access)):
                 self.hits += 1
-                return e[0] | (vaddr & e[6])
+                return e[0] | (vaddr & 0xFFF)
             self.invlpg(vaddr)
         self.misses += 1
         t = translate(mem, cpu, vaddr, access)
@@ -66,29 +64,31 @@ class Tlb:
 
     def fill(self, t) -> None:
         shift = t.page_shift
-        size_mask = (1 << shift) - 1
         leaf = t.entries[-1][2] if t.entries else 0
-        entry = (t.paddr & ~size_mask, int(t.writable) | (int(t.user) << 1) | (int(t.executable) << 2),
-                 t.dirty or not t.entries, t.global_page, t.pkey, leaf, size_mask)
-        if shift == 12:
-            d = self.small
-        else:
-            d = self.large[shift]
-            self.nr_large += (vaddr_key := t.vaddr >> shift) not in d
-            d[vaddr_key] = entry
-            return
-        if len(d) >= self.capacity:
-            d.clear()           # a crude but correct replacement policy: dropping entries is always allowed
-        d[t.vaddr >> 12] = entry
+        vpn = t.vaddr >> 12
+        entry = (t.paddr & ~0xFFF, int(t.writable) | (int(t.user) << 1) | (int(t.executable) << 2),
+                 t.dirty or not t.entries, t.global_page, t.pkey, leaf, 0xFFF)
+        if len(self.small) >= self.capacity:
+            self.flush()        # a crude but correct replacement policy: dropping entries is always allowed
+        self.small[vpn] = entry
+        if shift != 12:
+            pieces = self.large[shift].setdefault(t.vaddr >> shift, set())
+            if not pieces:
+                self.nr_large += 1
+            pieces.add(vpn)
 
     # --- invalidation ---------------------------------------------------------
     def invlpg(self, vaddr: int) -> None:
         """INVLPG: drop every entry, of any page size, that maps vaddr (global ones too)."""
-        self.small.pop(vaddr >> 12, None)
+        small = self.small
+        small.pop(vaddr >> 12, None)
         if self.nr_large:
-            for shift, d in self.large.items():
-                if d.pop(vaddr >> shift, None) is not None:
+            for shift, index in self.large.items():
+                pieces = index.pop(vaddr >> shift, None)
+                if pieces is not None:
                     self.nr_large -= 1
+                    for vpn in pieces:
+                        small.pop(vpn, None)
 
     def flush(self) -> None:
         """Drop everything (CR4.PGE toggle, paging mode change, INVPCID all)."""
@@ -98,10 +98,16 @@ class Tlb:
         self.nr_large = 0
 
     def flush_nonglobal(self) -> None:
-        """A CR3 load: global entries survive when CR4.PGE is set by the caller's choice."""
+        """Drop the non-global entries (a CR3 load with CR4.PGE set)."""
         self.small = {k: e for k, e in self.small.items() if e[3]}
         for shift in _LARGE_SHIFTS:
-            self.large[shift] = {k: e for k, e in self.large[shift].items() if e[3]}
+            index = self.large[shift]
+            for key in list(index):
+                pieces = {vpn for vpn in index[key] if vpn in self.small}
+                if pieces:
+                    index[key] = pieces
+                else:
+                    del index[key]
         self.nr_large = sum(len(d) for d in self.large.values())
 
     def on_cr3_write(self, cpu: CpuState) -> None:
@@ -113,4 +119,4 @@ class Tlb:
             self.flush()
 
     def __len__(self) -> int:
-        return len(self.small) + self.nr_large
+        return len(self.small)
