@@ -1,0 +1,78 @@
+"""The shadowmmu command: outputs people and scripts rely on, and clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shadowmmu.cli import main
+
+
+def shadowmmu(*args):
+    return subprocess.run([sys.executable, "-m", "shadowmmu.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_run_json_has_the_documented_fields(capsys):
+    assert main(["run", "demand", "--guest", "32", "--policy", "zap", "--size", "64", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    for key in ("workload", "policy", "guest", "guest_events", "exits", "exits_per_demand_fault",
+                "exits_per_cow_fault", "estimate"):
+        assert key in rep
+    assert rep["workload"] == "demand" and rep["policy"] == "zap" and rep["guest"] == "32"
+    assert rep["guest_events"]["demand_faults"] >= 64
+    assert rep["exits"]["total"] == sum(rep["exits"]["by_reason"].values())
+    assert rep["typical_exits_per_demand_fault"] == 3
+    est = rep["estimate"]
+    assert est["preset"] == "p4-2006"
+    assert est["shadow"]["cycles"] > est["native"]["cycles"] > 0
+    assert est["shadow"]["seconds"] == pytest.approx(est["shadow"]["cycles"] / 3.8e9)
+
+
+def test_run_native_has_no_exits(capsys):
+    assert main(["run", "demand", "--guest", "64", "--native", "--size", "32", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["policy"] == "native" and rep["exits"]["total"] == 0
+    assert rep["guest_events"]["demand_faults"] >= 32
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "compile"], "unknown workload 'compile'"),
+    (["run", "demand", "--costs", "p3"], "unknown cost preset 'p3'"),
+    (["run", "demand", "--size", "0"], "--size must be a positive integer"),
+    (["compare", "demand", "nothing"], "unknown workload 'nothing'"),
+    (["selfcheck"], "say what to check"),
+])
+def test_bad_arguments_are_one_clear_line(args, message):
+    r = shadowmmu(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_trace_tells_three_exits_for_zap_and_two_for_update():
+    r = shadowmmu("trace", "demand", "--guest", "pae")
+    assert r.returncode == 0
+    zap, update = r.stdout.split("\n\n")[:2]
+    assert "pte_write='zap': 3 VM exits" in zap and "clear the spte" in zap
+    assert "pte_write='update': 2 VM exits" in update and "install the spte from it" in update
+    assert "(pf_fixed)" in zap and "(pf_fixed)" not in update
+
+
+def test_selfcheck_lockstep_exit_status_says_whether_a_divergence_was_found():
+    ok = shadowmmu("selfcheck", "--lockstep", "--steps", "300", "--guest", "64")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "no divergence" in ok.stdout
+    bug = shadowmmu("selfcheck", "--lockstep", "--steps", "3000", "--guest", "64", "--policy", "update",
+                    "--seed-bug")
+    assert bug.returncode == 1
+    assert "user-accessible" in bug.stdout or "value" in bug.stdout
+
+
+def test_compare_plot_is_written(tmp_path, capsys):
+    out = tmp_path / "c.png"
+    assert main(["compare", "demand", "--guest", "64", "--size", "32", "--plot", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    text = capsys.readouterr().out
+    assert "demand" in text and "update" in text
