@@ -94,6 +94,20 @@ def cmd_bench(args) -> int:
                           f"{r['tlb_hit_per_s']:,.0f}", f"{r['tlb_miss_per_s']:,.0f}")
             console.print(t)
         return 0
+    if args.what == "kbuild":
+        from .analysis.report import make_vm
+        from .guest import run_workload
+        t = Table(title="default kbuild: simulated guest accesses per second (boot excluded)")
+        for col in ("guest", "policy", "accesses", "user accesses", "seconds", "accesses/s", "user accesses/s"):
+            t.add_column(col, justify="right")
+        for guest in args.guest:
+            for policy in ("native", "zap", "update"):
+                r = run_workload(make_vm(policy, "kbuild"), "kbuild", guest=guest)
+                ev = r["guest_events"]
+                t.add_row(guest, policy, f"{r['accesses']:,}", f"{ev['user_accesses']:,}", f"{r['seconds']:.2f}",
+                          f"{r['accesses'] / r['seconds']:,.0f}", f"{ev['user_accesses'] / r['seconds']:,.0f}")
+        console.print(t)
+        return 0
     raise UsageError(f"unknown benchmark {args.what!r}")
 
 
@@ -322,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_walk)
 
     b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=("walk", "mmu"))
+    b.add_argument("what", choices=("walk", "mmu", "kbuild"))
     b.add_argument("--pages", type=int, default=4000, help="mapped pages (walk) / demand faults (mmu)")
-    b.add_argument("--guest", nargs="+", choices=("32", "pae", "64"), default=["64"], help="mmu: guest formats")
+    b.add_argument("--guest", nargs="+", choices=("32", "pae", "64"), default=["64"], help="mmu/kbuild: guest formats")
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("selfcheck", help="verification campaigns (QEMU differential, lockstep)")
