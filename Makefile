@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/shadowmmu demo
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -q -n 2 -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(VENV)/bin/shadowmmu bench walk
