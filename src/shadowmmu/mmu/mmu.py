@@ -95,6 +95,7 @@ class ShadowMMU:
         self.rmap: dict[int, set[int]] = {}                # gfn -> host addresses of writable leaf sptes
         self.vcpus = []
         self.tlb_flush_needed = False
+        self.dirty_logging = False          # any memslot logging: mark_dirty has work to do
         self.stats = {"pages_created": 0, "pages_zapped": 0, "reclaimed": 0, "flooded": 0,
                       "unshadowed_user_write": 0, "tlb_flushes": 0, "pte_updates": 0, "pte_zaps": 0,
                       "misaligned_zaps": 0}
@@ -329,17 +330,20 @@ class ShadowMMU:
             self._release_roots(vcpu)
             self._load_roots(vcpu)
         st = vcpu.mmu_state
-        self.make_room(6)                  # KVM: mmu_topup_memory_caches + free_some_pages
+        if len(self.free) < 6:
+            self.make_room(6)              # KVM: mmu_topup_memory_caches + free_some_pages
         try:
-            walk = self.walk_guest(vcpu, vaddr, access)
+            walk = translate(self.gmem, vcpu.guest, vaddr, access)     # walk_guest(), inlined
         except PageFault as pf:
             st.last_pt_write_count = 0     # a real guest fault is not a fork storm
-            self.flush_tlbs()
+            if self.tlb_flush_needed:
+                self.flush_tlbs()
             return INJECTED, pf
         result = self.fetch(vcpu, vaddr, access, walk)
-        if result[0] != EMULATE or not self.is_shadowed(result[1] >> 12):
+        if result[0] != EMULATE or result[1] >> 12 not in self.shadowed:
             st.last_pt_write_count = 0     # only consecutive page-table writes count
-        self.flush_tlbs()
+        if self.tlb_flush_needed:
+            self.flush_tlbs()
         return result
 
     def walk_guest(self, vcpu, vaddr: int, access: int):
@@ -353,8 +357,10 @@ class ShadowMMU:
         glevels = base.glevels
         wide = glevels >= 3
         nxe = base.nxe
-        # guest entries by level, and the rights inherited down to each level
-        gentries = {lvl: val for lvl, _, val in walk.entries}
+        # guest entries, top first: the one of level L is entries[top - L]
+        entries = walk.entries
+        top = entries[0][0] if entries else 0
+        nentries = len(entries)
         if glevels >= 4:
             sp, level = st.roots[0], glevels
         else:
@@ -365,7 +371,7 @@ class ShadowMMU:
         gpage_level = {12: 1, 21: 2, 22: 2, 30: 3}[walk.page_shift]
         while level > 1:
             idx = (vaddr >> (12 + 9 * (level - 1))) & 511
-            ge = gentries.get(level)
+            ge = entries[top - level][2] if 0 <= top - level < nentries else None
             if ge is not None:
                 access_above &= gpte_access(ge, wide, nxe)
             child_level = level - 1
@@ -566,6 +572,8 @@ class ShadowMMU:
 
     # -------------------------------------------------------------- dirty log
     def mark_dirty(self, gfn: int) -> None:
+        if not self.dirty_logging:
+            return
         s = self.gmem.slot_of(gfn)
         if s is not None and s.dirty_bitmap is not None:
             s.dirty_bitmap[gfn - s.base_gfn] = 1
@@ -574,6 +582,7 @@ class ShadowMMU:
         """Start logging: every writable spte into the slot loses W, so each first
         write after this faults and is logged."""
         slot.dirty_bitmap = bytearray(slot.npages)
+        self.dirty_logging = True
         for gfn in [g for g in self.rmap if slot.contains(g)]:
             self.rmap_write_protect(gfn)
         self.flush_tlbs()

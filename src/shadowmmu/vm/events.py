@@ -38,7 +38,13 @@ class EventLog:
 
     def exit(self, reason: str, text: str, at: int | None = None) -> None:
         self.exits[reason] += 1
-        if self.tracing and len(self.trace) < self.limit:
+        if self.tracing:
+            self.exit_line(reason, text, at)
+
+    def exit_line(self, reason: str, text: str, at: int | None = None) -> None:
+        """The trace line of an exit already counted (the hot path counts first and
+        formats only when tracing)."""
+        if len(self.trace) < self.limit:
             line = ("exit", f"VM exit #{self.total_exits} ({reason}): {text}")
             if at is None:
                 self.trace.append(line)

@@ -47,6 +47,7 @@ class GuestPhysical:
         self.slots = slots
         self.mmio = mmio if mmio is not None else []
         self._frames = self          # the walker calls self._frames.get(gfn)
+        self._host_frames = host._frames
         self.maxphyaddr = host.maxphyaddr
         self._reindex()
 
@@ -84,8 +85,10 @@ class GuestPhysical:
 
     # --- the frame interface of PhysicalMemory ----------------------------------
     def get(self, gfn: int):
+        if self._lo <= gfn < self._hi:                  # the walker's hot path: inline the first slot
+            return self._host_frames.get(gfn + self._delta)
         pfn = self.gfn_to_pfn(gfn)
-        return None if pfn is None else self.host._frames.get(pfn)
+        return None if pfn is None else self._host_frames.get(pfn)
 
     def qwords(self, gfn: int):
         pfn = self.gfn_to_pfn(gfn)

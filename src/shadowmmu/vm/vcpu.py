@@ -168,19 +168,24 @@ class VCpu:
             gpa = self.tlb.translate(self.gmem, self.guest, vaddr, access)
             pfn = self.gmem.gfn_to_pfn(gpa >> 12)
             return (1, gpa) if pfn is None else (0, (pfn << 12) | (gpa & 0xFFF))
+        events = self.events
         for _ in range(8):
             try:
                 return 0, self.tlb.translate(self.host, self.hw, vaddr, access)
             except PageFault:
                 pass
-            at = self.events.mark()
+            at = events.mark()
             result, payload = self.vm.mmu.page_fault(self, vaddr, access)
             if result == HANDLED:
-                self.events.exit("pf_fixed", f"#PF at {vaddr:#x} ({_acc_name(access)}): shadow fixed", at)
+                events.exits["pf_fixed"] += 1
+                if events.tracing:
+                    events.exit_line("pf_fixed", f"#PF at {vaddr:#x} ({_acc_name(access)}): shadow fixed", at)
                 continue
             if result == INJECTED:
-                self.events.exit("pf_injected", f"#PF at {vaddr:#x} ({_acc_name(access)}): "
-                                 f"guest fault, inject error code {payload.error_code:#x}", at)
+                events.exits["pf_injected"] += 1
+                if events.tracing:
+                    events.exit_line("pf_injected", f"#PF at {vaddr:#x} ({_acc_name(access)}): "
+                                     f"guest fault, inject error code {payload.error_code:#x}", at)
                 raise payload
             gpa = payload
             if self.gmem.gfn_to_pfn(gpa >> 12) is None:
@@ -189,7 +194,9 @@ class VCpu:
                 reason = "pte_write"
             else:
                 reason = "emulate"
-            self.events.exit(reason, f"{_acc_name(access)} of {vaddr:#x} (gpa {gpa:#x}) emulated", at)
+            events.exits[reason] += 1
+            if events.tracing:
+                events.exit_line(reason, f"{_acc_name(access)} of {vaddr:#x} (gpa {gpa:#x}) emulated", at)
             return 1, gpa
         raise MMUError(f"the shadow MMU keeps reporting {vaddr:#x} fixed but the hardware still faults")
 

@@ -28,7 +28,7 @@ class Tlb:
     architectural effect of invalidating the large entry.  One dict lookup then
     serves every hit, whatever the page size.
 
-    Entry: (page base paddr, rights index, dirty, global, pkey, leaf value, offset mask)."""
+    Entry: (page base paddr, rights index, dirty, global, protection key)."""
 
     def __init__(self, capacity: int = 1 << 16):
         self.capacity = capacity
@@ -53,21 +53,20 @@ class Tlb:
             r = e[1]
             if not cpu.perm[r | acc] and (e[2] or not access & ACC_WRITE) and not (
                     cpu.pk_active and r & R_U and not access & 16
-                    and _pkey_denies(cpu, e[5], access & ACC_WRITE, access)):
+                    and _pkey_denies(cpu, e[4], access & ACC_WRITE, access)):
                 self.hits += 1
                 return e[0] | (vaddr & 0xFFF)
             self.invlpg(vaddr)
         self.misses += 1
-        t = translate(mem, cpu, vaddr, access)
+        t = translate(mem, cpu, vaddr, access, record=False)
         self.fill(t)
         return t.paddr
 
     def fill(self, t) -> None:
         shift = t.page_shift
-        leaf = t.entries[-1][2] if t.entries else 0
         vpn = t.vaddr >> 12
         entry = (t.paddr & ~0xFFF, int(t.writable) | (int(t.user) << 1) | (int(t.executable) << 2),
-                 t.dirty or not t.entries, t.global_page, t.pkey, leaf, 0xFFF)
+                 t.dirty, t.global_page, t.pkey)
         if len(self.small) >= self.capacity:
             self.flush()        # a crude but correct replacement policy: dropping entries is always allowed
         self.small[vpn] = entry

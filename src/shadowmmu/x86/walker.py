@@ -46,7 +46,7 @@ class Translation(NamedTuple):
     executable: bool
     pkey: int
     global_page: bool
-    dirty: bool              # the leaf's D bit after the walk
+    dirty: bool              # the leaf's D bit after the walk (True without paging: no D to set)
     entries: tuple
 
     @property
@@ -68,12 +68,16 @@ def check_canonical(cpu: CpuState, vaddr: int) -> int:
 
 
 _VALID_ACCESS = ACC_WRITE | ACC_USER | ACC_FETCH | ACC_IMPLICIT
+_RIGHT_BOOLS = tuple((bool(r & 1), bool(r & 2), bool(r & 4)) for r in range(8))   # R_W, R_U, R_X
 
 
-def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool = True) -> Translation:
+def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool = True,
+              record: bool = True) -> Translation:
     """Walk the paging structures for ``vaddr`` and return its Translation or raise
     ``PageFault``.  ``access`` is a combination of ACC_WRITE, ACC_USER, ACC_FETCH and
-    ACC_IMPLICIT.  ``set_ad=False`` walks without writing A/D (a debugger's view)."""
+    ACC_IMPLICIT.  ``set_ad=False`` walks without writing A/D (a debugger's view).
+    ``record=False`` leaves ``entries`` empty (in the result and in a PageFault):
+    what a TLB fill needs, without the bookkeeping a narration or the MMU needs."""
     if access & ~_VALID_ACCESS or (access & ACC_FETCH and access & ACC_WRITE) or (
             access & ACC_IMPLICIT and access & ACC_USER):
         raise ValueError(f"invalid access flags {access:#x}")
@@ -81,7 +85,7 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
     if mode is PagingMode.NONE:
         if not 0 <= vaddr < 1 << 32:
             raise ValueError(f"linear address {vaddr:#x} does not fit in 32 bits")
-        return Translation(vaddr, vaddr, 12, True, True, True, 0, False, False, ())
+        return Translation(vaddr, vaddr, 12, True, True, True, 0, False, True, ())
     fmt = cpu.format
     va_bits = fmt.va_bits
     if va_bits > 32:
@@ -107,7 +111,8 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
     if mode is PagingMode.PAE:
         i = (vaddr >> 30) & 3
         pdpte = cpu.pdptes[i]
-        entries.append((3, cpu.pdpte_addrs[i], pdpte))
+        if record:
+            entries.append((3, cpu.pdpte_addrs[i], pdpte))
         if not pdpte & PTE_P:
             raise PageFault(vaddr, err_base, tuple(entries))
         table = (pdpte & rows[0][5]) >> 12
@@ -119,22 +124,24 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
         f = frames.get(table)
         e = f[view][idx] if f is not None else (mem.qwords(table) if wide else mem.dwords(table))[idx]
         if not e & PTE_P:
-            raise PageFault(vaddr, err_base, (*entries, (level, (table << 12) | (idx << entry_shift), e)))
+            raise PageFault(vaddr, err_base,
+                            (*entries, (level, (table << 12) | (idx << entry_shift), e)) if record else ())
         if level == 1 or (e & PTE_PS and rsvd_page >= 0):
             if e & (rsvd_page if level > 1 else rsvd_table):
                 raise PageFault(vaddr, err_base | PF_RSVD | PF_P,
-                                (*entries, (level, (table << 12) | (idx << entry_shift), e)))
+                                (*entries, (level, (table << 12) | (idx << entry_shift), e)) if record else ())
             leaf_shift, leaf_pfn, leaf_idx, leaf_value, leaf_frame = shift, table, idx, e, f
             break
         if e & rsvd_table:
             raise PageFault(vaddr, err_base | PF_RSVD | PF_P,
-                            (*entries, (level, (table << 12) | (idx << entry_shift), e)))
+                            (*entries, (level, (table << 12) | (idx << entry_shift), e)) if record else ())
         rights &= e ^ PTE_NX if wide else e | PTE_NX
         if not e & PTE_A and set_ad:
             e |= PTE_A
             if f is not None:       # None: memory that drops writes (nothing behind the address)
                 f[view][idx] = e
-        entries.append((level, (table << 12) | (idx << entry_shift), e))
+        if record:
+            entries.append((level, (table << 12) | (idx << entry_shift), e))
         table = (e & addr_mask) >> 12
     rights &= leaf_value ^ PTE_NX if wide else leaf_value | PTE_NX
 
@@ -144,11 +151,11 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
         acc |= A_SMAP_OVERRIDE
     write = access & ACC_WRITE
     pk_denied = cpu.pk_active and r & R_U and not access & ACC_FETCH and _pkey_denies(
-        cpu, leaf_value, write, access)
+        cpu, (leaf_value >> PTE_PKEY_SHIFT) & 0xF, write, access)
     leaf_addr = (leaf_pfn << 12) | (leaf_idx << entry_shift)
     if cpu.perm[r | acc] or pk_denied:
         raise PageFault(vaddr, err_base | PF_P | (PF_PK if pk_denied else 0),
-                        (*entries, (level, leaf_addr, leaf_value)))
+                        (*entries, (level, leaf_addr, leaf_value)) if record else ())
 
     if set_ad:
         new = leaf_value | (PTE_A | PTE_D if write else PTE_A)
@@ -156,22 +163,23 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
             if leaf_frame is not None:
                 leaf_frame[view][leaf_idx] = new
             leaf_value = new
-    entries.append((level, leaf_addr, leaf_value))
+    if record:
+        entries.append((level, leaf_addr, leaf_value))
 
     if leaf_shift == 22:
         # PSE-36: PDE bits 20:13 are physical address bits 39:32 (as many as MAXPHYADDR allows).
         base = (leaf_value & 0xFFC00000) | (((leaf_value >> 13) & 0xFF) << 32)
     else:
         base = leaf_value & addr_mask & ~((1 << leaf_shift) - 1)
-    return Translation(vaddr, base | (vaddr & ((1 << leaf_shift) - 1)), leaf_shift, bool(r & 1),
-                       bool(r & 2), bool(r & 4), (leaf_value >> PTE_PKEY_SHIFT) & 0xF if fmt.pkeys else 0,
-                       bool(leaf_value & 0x100), bool(leaf_value & PTE_D), tuple(entries))
+    w, u, x = _RIGHT_BOOLS[r]
+    return Translation(vaddr, base | (vaddr & ((1 << leaf_shift) - 1)), leaf_shift, w, u, x,
+                       (leaf_value >> PTE_PKEY_SHIFT) & 0xF if fmt.pkeys else 0,
+                       leaf_value & 0x100 != 0, leaf_value & PTE_D != 0, tuple(entries))
 
 
-def _pkey_denies(cpu: CpuState, leaf: int, write: int, access: int) -> bool:
+def _pkey_denies(cpu: CpuState, key: int, write: int, access: int) -> bool:
     """SDM 4.6.2: data access to a user-mode address under CR4.PKE: PKRU.AD of the
     key denies every access, PKRU.WD denies writes (supervisor writes only with CR0.WP)."""
-    key = (leaf >> PTE_PKEY_SHIFT) & 0xF
     bits = (cpu.pkru >> (2 * key)) & 3
     if bits & 1:
         return True
