@@ -16,12 +16,18 @@ def booted(guest="64", **kw):
     return vm, MiniGuest(vm, guest)
 
 
-def test_a_shadowed_page_table_is_never_writable_through_any_spte():
+def with_a_shadowed_user_page():
+    """A booted guest whose user page table is shadowed (one user page touched); CPL0."""
     vm, g = booted()
     v = vm.vcpu
     v.set_cpl(3)
     v.store(USER_BASE, 1, 8)
     v.set_cpl(0)
+    return vm, g, v
+
+
+def test_a_shadowed_page_table_is_never_writable_through_any_spte():
+    vm, g, v = with_a_shadowed_user_page()
     pt = g.pte_addr(USER_BASE) >> 12
     assert vm.mmu.is_shadowed(pt)
     assert pt not in vm.mmu.rmap                   # no writable spte maps it
@@ -34,11 +40,7 @@ def test_a_shadowed_page_table_is_never_writable_through_any_spte():
 def test_three_consecutive_writes_to_one_table_unshadow_it():
     """The fork/flood detector: at the third emulated write in a row to one gfn, its
     shadow pages are zapped and the guest writes it freely from then on."""
-    vm, g = booted()
-    v = vm.vcpu
-    v.set_cpl(3)
-    v.store(USER_BASE, 1, 8)
-    v.set_cpl(0)
+    vm, g, v = with_a_shadowed_user_page()
     pt_addr = g.pte_addr(USER_BASE + 4096)
     pt = pt_addr >> 12
     for i in range(3):
@@ -53,11 +55,7 @@ def test_three_consecutive_writes_to_one_table_unshadow_it():
 
 
 def test_a_guest_fault_in_between_resets_the_flood_count():
-    vm, g = booted()
-    v = vm.vcpu
-    v.set_cpl(3)
-    v.store(USER_BASE, 1, 8)
-    v.set_cpl(0)
+    vm, g, v = with_a_shadowed_user_page()
     pt_addr = g.pte_addr(USER_BASE)
     v.store(pt_addr + 8 * 10, 0, 8)
     v.store(pt_addr + 8 * 11, 0, 8)
@@ -73,11 +71,7 @@ def test_a_guest_fault_in_between_resets_the_flood_count():
 def test_a_misaligned_pte_write_zaps_and_a_partial_one_clears(size, offset, zapped):
     """KVM's rule: a write shorter than 4 bytes or crossing a pte boundary zaps the
     shadow page; an aligned 4-byte write into an 8-byte pte only clears that spte."""
-    vm, g = booted()
-    v = vm.vcpu
-    v.set_cpl(3)
-    v.store(USER_BASE, 1, 8)
-    v.set_cpl(0)
+    vm, g, v = with_a_shadowed_user_page()
     pt_addr = g.pte_addr(USER_BASE)
     v.store(pt_addr + offset, 0, size)
     assert (vm.mmu.stats["misaligned_zaps"] >= 1) is zapped
@@ -178,11 +172,7 @@ def test_a_five_level_guest_runs_on_five_level_shadow_tables():
 
 
 def test_audit_catches_a_corrupted_rmap_and_a_stale_writable_spte():
-    vm, g = booted()
-    v = vm.vcpu
-    v.set_cpl(3)
-    v.store(USER_BASE, 1, 8)
-    v.set_cpl(0)
+    vm, g, v = with_a_shadowed_user_page()
     gfn = next(iter(vm.mmu.rmap))
     vm.mmu.rmap[gfn].add(0xDEAD000)
     with pytest.raises(AuditError, match="rmap is not exact"):

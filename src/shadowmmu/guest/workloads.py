@@ -115,22 +115,27 @@ def _demand(k: Kernel, size: int, seed: int) -> int:
 
 
 # -------------------------------------------------------------------- fork
-def _fork(k: Kernel, size: int, seed: int) -> int:
-    def child(u):
-        yield exit_(0)
-
+def _fork_and_wait_loop(k: Kernel, size: int, seed: int, name: str, child) -> int:
+    """A parent with a 16-page heap that forks ``child(u, i)`` and waits for it, N times
+    (the shape of lmbench's lat_proc fork and of Adams & Agesen's forkwait)."""
     def parent(u, n):
         _startup(u, 8)
         top = yield brk(0)
         yield brk(top + (16 << 12))
         u.write(top, 16, 8, tag=seed + 7)
-        for _ in range(n):
-            yield fork(child)
+        for i in range(n):
+            yield fork(child, i)
             yield wait()
         u.verify()
         yield exit_(0)
-    k.spawn(_image(k, "lat_proc", 6), parent, size)
+    k.spawn(_image(k, name, 6), parent, size)
     return size + 1
+
+
+def _fork(k: Kernel, size: int, seed: int) -> int:
+    def child(u, i):
+        yield exit_(0)
+    return _fork_and_wait_loop(k, size, seed, "lat_proc", child)
 
 
 # ---------------------------------------------------------------- forkwait
@@ -143,19 +148,7 @@ def _forkwait(k: Kernel, size: int, seed: int) -> int:
         u.write(extra, 2, 8, tag=i)                                      # demand zero
         u.verify()
         yield exit_(0)
-
-    def parent(u, n):
-        _startup(u, 8)
-        top = yield brk(0)
-        yield brk(top + (16 << 12))
-        u.write(top, 16, 8, tag=seed + 7)
-        for i in range(n):
-            yield fork(child, i)
-            yield wait()
-        u.verify()
-        yield exit_(0)
-    k.spawn(_image(k, "forkwait", 6), parent, size)
-    return size + 1
+    return _fork_and_wait_loop(k, size, seed, "forkwait", child)
 
 
 # ---------------------------------------------------------------- memtouch
