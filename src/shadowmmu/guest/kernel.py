@@ -283,21 +283,13 @@ class Kernel:
             self.free.append(pfn)
 
     def _clear_page(self, pa: int) -> None:
-        st = self.vcpu.store
-        va = self.po + pa
-        for a in range(va, va + 4096, 8):
-            st(a, 0)
+        self.vcpu.rep_stos(self.po + pa, 0, 512)            # clear_page: rep stosq
         ev = self.events
         ev["pages_zeroed"] += 1
         ev["kernel_accesses"] += 512
 
     def _copy_page(self, dst: int, src: int) -> None:
-        v = self.vcpu
-        ld, st = v.load, v.store
-        d = self.po + dst
-        delta = src - dst
-        for a in range(d, d + 4096, 8):
-            st(a, ld(a + delta))
+        self.vcpu.rep_movs(self.po + dst, self.po + src, 512)    # copy_page: rep movsq
         ev = self.events
         ev["pages_copied"] += 1
         ev["kernel_accesses"] += 1024

@@ -127,6 +127,74 @@ class VCpu:
                 return
         self._access(vaddr, size, self._acc | ACC_WRITE, value)
 
+    # ------------------------------------------------------ string instructions
+    def _bulk_frame(self, vaddr: int, write: bool):
+        """(host frame bytes, offset) when the TLB maps vaddr's page to RAM with the
+        rights this access needs, so the rest of a string instruction's accesses to
+        the page are plain memory accesses (as on hardware: no walk, no exit); else None."""
+        e = self.tlb.small.get(vaddr >> 12)
+        hw = self.hw
+        if e is None or hw.pk_active or hw.perm[e[1] | (self._acc_w if write else self._acc_r)] or (
+                write and not e[2]):
+            return None
+        pa = e[0] | (vaddr & 0xFFF)
+        if self.native:
+            if not self._lo <= pa >> 12 < self._hi:
+                return None
+            pa += self._delta << 12
+        return self.host._alloc(pa >> 12)[0], pa & 0xFFF
+
+    def rep_stos(self, vaddr: int, value: int, count: int, size: int = 8) -> None:
+        """REP STOS: ``count`` stores of ``value`` (``size`` bytes each) upwards from
+        ``vaddr``.  The first store to each page goes through the full access path
+        (faults, exits, emulation); the rest of that page is written straight through
+        the TLB entry it left, as a CPU does, unless that entry does not allow it."""
+        if vaddr % size:
+            for i in range(count):
+                self.store(vaddr + i * size, value, size)
+            return
+        pattern = value.to_bytes(size, "little")
+        a, end = vaddr, vaddr + count * size
+        while a < end:
+            page_end = min(end, (a | 0xFFF) + 1)
+            self.store(a, value, size)
+            a += size
+            if a >= page_end:
+                continue
+            bulk = self._bulk_frame(a, True)
+            if bulk is None:
+                for b in range(a, page_end, size):
+                    self.store(b, value, size)
+            else:
+                frame, off = bulk
+                frame[off:off + page_end - a] = pattern * ((page_end - a) // size)
+            a = page_end
+
+    def rep_movs(self, dst: int, src: int, count: int, size: int = 8) -> None:
+        """REP MOVS: ``count`` elements of ``size`` bytes from src to dst, upwards.
+        Like rep_stos, whole runs within a page go through the TLB entries the first
+        element left; overlapping or misaligned copies go element by element."""
+        n = count * size
+        if dst % size or src % size or (src < dst + n and dst < src + n):
+            for i in range(count):
+                self.store(dst + i * size, self.load(src + i * size, size), size)
+            return
+        i = 0
+        while i < n:
+            run = min(n - i, 4096 - ((dst + i) & 0xFFF), 4096 - ((src + i) & 0xFFF))
+            self.store(dst + i, self.load(src + i, size), size)
+            rest = run - size
+            if rest > 0:
+                s_bulk = self._bulk_frame(src + i + size, False)
+                d_bulk = self._bulk_frame(dst + i + size, True)
+                if s_bulk is None or d_bulk is None:
+                    for k in range(i + size, i + run, size):
+                        self.store(dst + k, self.load(src + k, size), size)
+                else:
+                    (sf, so), (df, do) = s_bulk, d_bulk
+                    df[do:do + rest] = sf[so:so + rest]
+            i += run
+
     def fetch(self, vaddr: int) -> int:
         """An instruction fetch of one byte at ``vaddr``."""
         return self._access(vaddr, 1, self._acc | ACC_FETCH, None)
