@@ -97,7 +97,10 @@ def cmd_bench(args) -> int:
     if args.what == "kbuild":
         from .analysis.report import make_vm
         from .guest import run_workload
-        t = Table(title="default kbuild: simulated guest accesses per second (boot excluded)")
+        t = Table(title="default kbuild: simulated guest accesses per second (boot excluded)",
+                  caption="accesses: every guest load/store, counting each element of the kernel's REP STOS/MOVS "
+                          "page clears and copies (done a page at a time after the first element); user "
+                          "accesses are each simulated one by one")
         for col in ("guest", "policy", "accesses", "user accesses", "seconds", "accesses/s", "user accesses/s"):
             t.add_column(col, justify="right")
         for guest in args.guest:
