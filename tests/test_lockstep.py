@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shadowmmu.vm.lockstep import (
-    GUESTS, HypothesisChooser, Lockstep, Op, RandomChooser, campaign, generate_op, run_program,
+    GUESTS, HypothesisChooser, Lockstep, Op, RandomChooser, campaign, generate_op,
 )
 
 FORMATS = ("32", "pae", "64")

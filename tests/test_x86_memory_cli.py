@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from shadowmmu.cli import main
-from shadowmmu.x86 import Access, PhysicalAddressError, PhysicalMemory
+from shadowmmu.x86 import PhysicalAddressError, PhysicalMemory
 from shadowmmu.x86.builder import PageTableBuilder
 from shadowmmu.x86.formats import PagingMode
 

@@ -212,7 +212,6 @@ class Kernel:
                 st(a, 0)
             return pa
 
-        psz = self.psz
         ram = self.nframes << 12
         large = 1 << pg.large_shift
         nlarge = (ram + large - 1) >> pg.large_shift

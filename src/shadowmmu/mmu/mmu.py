@@ -28,8 +28,8 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from ..x86.bits import (
-    ACC_FETCH, ACC_USER, ACC_WRITE, CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP,
-    CR4_SMEP, EFER_LME, EFER_NXE, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_PKEY_MASK, PTE_PS,
+    ACC_USER, ACC_WRITE, CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP,
+    CR4_SMEP, EFER_LME, EFER_NXE, PTE_A, PTE_D, PTE_P, PTE_PKEY_MASK,
 )
 from ..x86.faults import PageFault
 from ..x86.formats import PagingMode

@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass, field
 
 from ..mmu.audit import AuditError
-from ..x86.bits import CR0_WP, CR4_PGE, CR4_SMAP, CR4_SMEP, EFER_NXE
+from ..x86.bits import CR0_WP, CR4_SMAP, CR4_SMEP, EFER_NXE
 from ..x86.builder import control_registers
 from ..x86.faults import GeneralProtection, PageFault
 from ..x86.formats import PagingMode

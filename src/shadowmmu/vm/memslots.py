@@ -10,7 +10,7 @@ reads as all ones and drops writes, as unbacked physical addresses do on a PC.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..x86.memory import PhysicalMemory
 

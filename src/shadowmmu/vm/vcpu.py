@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..mmu.mmu import EMULATE, HANDLED, INJECTED, MMUError
+from ..mmu.mmu import HANDLED, INJECTED, MMUError
 from ..x86.bits import (
     ACC_FETCH, ACC_USER, ACC_WRITE, CR0_PG, CR4_LA57, CR4_PAE, CR4_PGE, CR4_PKE, CR4_PSE, CR4_SMAP,
     CR4_SMEP, EFER_LME, EFER_NXE,

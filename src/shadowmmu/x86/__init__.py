@@ -30,4 +30,9 @@ __all__ = [
     "Access", "CpuState", "GeneralProtection", "NonCanonicalAddress", "PageFault", "PagingFormat",
     "PagingMode", "PhysicalAddressError", "PhysicalMemory", "Tlb", "Translation", "translate", "FORMATS",
     "describe_error_code",
+    # the bit names most callers need, re-exported from .bits
+    "ACC_FETCH", "ACC_IMPLICIT", "ACC_USER", "ACC_WRITE", "CR0_PE", "CR0_PG", "CR0_WP", "CR4_LA57",
+    "CR4_PAE", "CR4_PGE", "CR4_PKE", "CR4_PSE", "CR4_SMAP", "CR4_SMEP", "EFER_LMA", "EFER_LME", "EFER_NXE",
+    "PF_ID", "PF_P", "PF_PK", "PF_RSVD", "PF_U", "PF_W", "PTE_A", "PTE_D", "PTE_G", "PTE_NX", "PTE_P",
+    "PTE_PS", "PTE_U", "PTE_W",
 ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .bits import (
-    ACC_FETCH, ACC_IMPLICIT, ACC_USER, ACC_WRITE, PAGE_MASK, PF_P, PF_PK, PF_RSVD, PTE_A, PTE_D,
+    ACC_FETCH, ACC_IMPLICIT, ACC_USER, ACC_WRITE, PF_P, PF_PK, PF_RSVD, PTE_A, PTE_D,
     PTE_NX, PTE_P, PTE_PKEY_SHIFT, PTE_PS, PTE_U, PTE_W,
 )
 from .cpu import A_SMAP_OVERRIDE, R_U, CpuState
