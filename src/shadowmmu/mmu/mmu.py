@@ -367,13 +367,11 @@ class ShadowMMU:
             sp, level = st.roots[(vaddr >> 30) & 3], 2
             if sp is None:
                 raise MMUError("guest walk succeeded through a PDPTE that has no shadow root")
-        access_above = ACC_ALL          # (a PAE PDPTE grants every right)
+        start_level = level             # (a PAE PDPTE, above it, grants every right)
         gpage_level = {12: 1, 21: 2, 22: 2, 30: 3}[walk.page_shift]
         while level > 1:
             idx = (vaddr >> (12 + 9 * (level - 1))) & 511
             ge = entries[top - level][2] if 0 <= top - level < nentries else None
-            if ge is not None:
-                access_above &= gpte_access(ge, wide, nxe)
             child_level = level - 1
             large = glevels == 0 or gpage_level >= level
             spte = sp.spt[idx]
@@ -385,6 +383,11 @@ class ShadowMMU:
                     self.lru.move_to_end(child)
                     sp, level = child, child_level
                     continue
+            # the rights inherited from the guest entries down to this level (the role's access)
+            access_above = ACC_ALL
+            for lvl in range(start_level, level - 1, -1):
+                if 0 <= top - lvl < nentries:
+                    access_above &= gpte_access(entries[top - lvl][2], wide, nxe)
             if large:
                 # guest large page (or no paging): a direct page of 4K sptes, keyed by
                 # the first frame it maps and the large page's rights -- without W
