@@ -333,7 +333,8 @@ class ShadowMMU:
         if len(self.free) < 6:
             self.make_room(6)              # KVM: mmu_topup_memory_caches + free_some_pages
         try:
-            walk = translate(self.gmem, vcpu.guest, vaddr, access)     # walk_guest(), inlined
+            # walk_guest: the x86 walker on guest-physical memory, setting guest A/D as hardware would
+            walk = translate(self.gmem, vcpu.guest, vaddr, access)
         except PageFault as pf:
             st.last_pt_write_count = 0     # a real guest fault is not a fork storm
             if self.tlb_flush_needed:
@@ -345,10 +346,6 @@ class ShadowMMU:
         if self.tlb_flush_needed:
             self.flush_tlbs()
         return result
-
-    def walk_guest(self, vcpu, vaddr: int, access: int):
-        """The guest's own walk, on guest-physical memory (sets guest A/D as hardware would)."""
-        return translate(self.gmem, vcpu.guest, vaddr, access)
 
     def fetch(self, vcpu, vaddr: int, access: int, walk):
         """Build the shadow path for a successful guest walk and install the leaf."""

@@ -24,7 +24,7 @@ from collections import Counter
 from ..mmu.mmu import HANDLED, INJECTED, MMUError
 from ..x86.bits import (
     ACC_FETCH, ACC_USER, ACC_WRITE, CR0_PG, CR4_LA57, CR4_PAE, CR4_PGE, CR4_PKE, CR4_PSE, CR4_SMAP,
-    CR4_SMEP, EFER_LME, EFER_NXE,
+    CR4_SMEP, EFER_LME,
 )
 from ..x86.cpu import A_SMAP_OVERRIDE, CpuState
 from ..x86.faults import PageFault
@@ -413,4 +413,4 @@ def _acc_name(access: int) -> str:
     return ("user " if access & ACC_USER else "") + kind
 
 
-__all__ = ["VCpu", "GuestCrash", "EFER_NXE"]
+__all__ = ["VCpu", "GuestCrash"]
