@@ -238,11 +238,11 @@ class VCpu:
             return (1, gpa) if pfn is None else (0, (pfn << 12) | (gpa & 0xFFF))
         events = self.events
         for _ in range(8):
-            try:
-                return 0, self.tlb.translate(self.host, self.hw, vaddr, access)
-            except PageFault:
-                pass
-            at = events.mark()
+            pa = self.tlb.translate(self.host, self.hw, vaddr, access, probe=True)
+            if pa >= 0:
+                return 0, pa
+            # a hardware #PF on the shadow tables: VM exit
+            at = events.mark() if events.tracing else 0
             result, payload = self.vm.mmu.page_fault(self, vaddr, access)
             if result == HANDLED:
                 events.exits["pf_fixed"] += 1

@@ -42,9 +42,10 @@ class Tlb:
     def lookup(self, vaddr: int) -> tuple | None:
         return self.small.get(vaddr >> 12)
 
-    def translate(self, mem, cpu: CpuState, vaddr: int, access: int = 0) -> int:
+    def translate(self, mem, cpu: CpuState, vaddr: int, access: int = 0, probe: bool = False) -> int:
         """Physical address of ``vaddr`` for ``access``: from the TLB when a valid entry
-        allows it, else by a walk (filling the TLB).  Raises PageFault like translate()."""
+        allows it, else by a walk (filling the TLB).  Raises PageFault like translate(),
+        or with ``probe`` returns -1 instead."""
         e = self.small.get(vaddr >> 12)
         if e is not None:
             acc = ((access & 6) << 2) | ((access & 16) << 1)
@@ -58,7 +59,9 @@ class Tlb:
                 return e[0] | (vaddr & 0xFFF)
             self.invlpg(vaddr)
         self.misses += 1
-        t = translate(mem, cpu, vaddr, access, record=False)
+        t = translate(mem, cpu, vaddr, access, record=False, probe=probe)
+        if t is None:
+            return -1
         self.fill(t)
         return t.paddr
 

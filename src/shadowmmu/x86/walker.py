@@ -72,12 +72,14 @@ _RIGHT_BOOLS = tuple((bool(r & 1), bool(r & 2), bool(r & 4)) for r in range(8)) 
 
 
 def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool = True,
-              record: bool = True) -> Translation:
+              record: bool = True, probe: bool = False) -> Translation | None:
     """Walk the paging structures for ``vaddr`` and return its Translation or raise
     ``PageFault``.  ``access`` is a combination of ACC_WRITE, ACC_USER, ACC_FETCH and
     ACC_IMPLICIT.  ``set_ad=False`` walks without writing A/D (a debugger's view).
     ``record=False`` leaves ``entries`` empty (in the result and in a PageFault):
-    what a TLB fill needs, without the bookkeeping a narration or the MMU needs."""
+    what a TLB fill needs, without the bookkeeping a narration or the MMU needs.
+    ``probe=True`` returns None instead of raising PageFault (a hardware walk whose
+    fault only means "VM exit", where building an exception is wasted work)."""
     if access & ~_VALID_ACCESS or (access & ACC_FETCH and access & ACC_WRITE) or (
             access & ACC_IMPLICIT and access & ACC_USER):
         raise ValueError(f"invalid access flags {access:#x}")
@@ -114,6 +116,8 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
         if record:
             entries.append((3, cpu.pdpte_addrs[i], pdpte))
         if not pdpte & PTE_P:
+            if probe:
+                return None
             raise PageFault(vaddr, err_base, tuple(entries))
         table = (pdpte & rows[0][5]) >> 12
     else:
@@ -124,15 +128,21 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
         f = frames.get(table)
         e = f[view][idx] if f is not None else (mem.qwords(table) if wide else mem.dwords(table))[idx]
         if not e & PTE_P:
+            if probe:
+                return None
             raise PageFault(vaddr, err_base,
                             (*entries, (level, (table << 12) | (idx << entry_shift), e)) if record else ())
         if level == 1 or (e & PTE_PS and rsvd_page >= 0):
             if e & (rsvd_page if level > 1 else rsvd_table):
+                if probe:
+                    return None
                 raise PageFault(vaddr, err_base | PF_RSVD | PF_P,
                                 (*entries, (level, (table << 12) | (idx << entry_shift), e)) if record else ())
             leaf_shift, leaf_pfn, leaf_idx, leaf_value, leaf_frame = shift, table, idx, e, f
             break
         if e & rsvd_table:
+            if probe:
+                return None
             raise PageFault(vaddr, err_base | PF_RSVD | PF_P,
                             (*entries, (level, (table << 12) | (idx << entry_shift), e)) if record else ())
         rights &= e ^ PTE_NX if wide else e | PTE_NX
@@ -154,6 +164,8 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
         cpu, (leaf_value >> PTE_PKEY_SHIFT) & 0xF, write, access)
     leaf_addr = (leaf_pfn << 12) | (leaf_idx << entry_shift)
     if cpu.perm[r | acc] or pk_denied:
+        if probe:
+            return None
         raise PageFault(vaddr, err_base | PF_P | (PF_PK if pk_denied else 0),
                         (*entries, (level, leaf_addr, leaf_value)) if record else ())
 
