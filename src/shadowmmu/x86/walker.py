@@ -68,6 +68,10 @@ def check_canonical(cpu: CpuState, vaddr: int) -> int:
 
 
 _VALID_ACCESS = ACC_WRITE | ACC_USER | ACC_FETCH | ACC_IMPLICIT
+# every legal combination: no fetch that writes, no implicit access from user mode
+_VALID_ACCESSES = frozenset(a for a in range(_VALID_ACCESS + 1) if not a & ~_VALID_ACCESS
+                            and not (a & ACC_FETCH and a & ACC_WRITE) and not (a & ACC_IMPLICIT and a & ACC_USER))
+_NONE, _PAE = PagingMode.NONE, PagingMode.PAE
 _RIGHT_BOOLS = tuple((bool(r & 1), bool(r & 2), bool(r & 4)) for r in range(8))   # R_W, R_U, R_X
 
 
@@ -80,11 +84,10 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
     what a TLB fill needs, without the bookkeeping a narration or the MMU needs.
     ``probe=True`` returns None instead of raising PageFault (a hardware walk whose
     fault only means "VM exit", where building an exception is wasted work)."""
-    if access & ~_VALID_ACCESS or (access & ACC_FETCH and access & ACC_WRITE) or (
-            access & ACC_IMPLICIT and access & ACC_USER):
+    if access not in _VALID_ACCESSES:
         raise ValueError(f"invalid access flags {access:#x}")
     mode = cpu.mode
-    if mode is PagingMode.NONE:
+    if mode is _NONE:
         if not 0 <= vaddr < 1 << 32:
             raise ValueError(f"linear address {vaddr:#x} does not fit in 32 bits")
         return Translation(vaddr, vaddr, 12, True, True, True, 0, False, True, ())
@@ -110,7 +113,7 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
         err_base |= ACC_FETCH
     rows = cpu.rows
 
-    if mode is PagingMode.PAE:
+    if mode is _PAE:
         i = (vaddr >> 30) & 3
         pdpte = cpu.pdptes[i]
         if record:
