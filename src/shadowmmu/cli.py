@@ -85,7 +85,8 @@ def cmd_bench(args) -> int:
         from .analysis.bench_mmu import bench_mmu
         for guest in args.guest:
             rows = bench_mmu(guest, args.pages)
-            t = Table(title=f"shadow MMU, {guest} guest: {args.pages} demand faults, then warm accesses")
+            t = Table(title=f"shadow MMU, {guest} guest: {args.pages} demand faults (median of 3 runs), "
+                            "then warm accesses")
             for col in ("policy", "demand faults/s", "exits/fault", "warm TLB-hit accesses/s",
                         "warm TLB-miss accesses/s"):
                 t.add_column(col, justify="right")
