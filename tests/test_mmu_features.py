@@ -227,3 +227,23 @@ def test_the_shadow_pool_bound_holds_under_a_large_address_space():
     for i in range(64):
         assert v.load(USER_BASE + i * (2 << 20), 8) == i
     vm.audit()
+
+
+def test_a_pte_write_on_one_vcpu_flushes_the_other_vcpus_hardware_tlb():
+    """kvm_flush_remote_tlbs: an spte that loses rights or goes away is gone from every
+    vCPU's hardware TLB, so a second vCPU never runs on a stale shadow translation."""
+    vm = VM(16 << 20, nr_vcpus=2)
+    g = MiniGuest(vm, "64")
+    v0, v1 = vm.vcpus
+    v1.setup_paging(**control_registers(PagingMode.LEVEL4, g.root << 12, nxe=True))
+    v0.set_cpl(3)
+    v0.store(USER_BASE, 0x1111, 8)
+    v1.set_cpl(3)
+    assert v1.load(USER_BASE, 8) == 0x1111             # v1's TLB now maps the page
+    assert v1.tlb.lookup(USER_BASE) is not None
+    v0.set_cpl(0)
+    new = g.alloc()
+    v0.store(g.pte_addr(USER_BASE), (new << 12) | 0x67, 8)    # remap, on vCPU 0 only
+    assert v1.tlb.lookup(USER_BASE) is None
+    assert v1.load(USER_BASE, 8) == 0                   # the new (zeroed) frame
+    vm.audit()
