@@ -103,6 +103,14 @@ def _startup(u, libc_pages: int):
     u.write(u.stack_top - 4096, 1, 8, tag=u.pid + 2)
 
 
+def _grow_heap(u, pages: int, tag: int):
+    """brk() the heap up by ``pages`` and write them (8 qwords a page); returns the old top."""
+    top = yield brk(0)
+    yield brk(top + (pages << 12))
+    u.write(top, pages, 8, tag=tag)
+    return top
+
+
 # ------------------------------------------------------------------ demand
 def _demand(k: Kernel, size: int, seed: int) -> int:
     def prog(u, n):
@@ -120,9 +128,7 @@ def _fork_and_wait_loop(k: Kernel, size: int, seed: int, name: str, child) -> in
     (the shape of lmbench's lat_proc fork and of Adams & Agesen's forkwait)."""
     def parent(u, n):
         _startup(u, 8)
-        top = yield brk(0)
-        yield brk(top + (16 << 12))
-        u.write(top, 16, 8, tag=seed + 7)
+        yield from _grow_heap(u, 16, seed + 7)
         for i in range(n):
             yield fork(child, i)
             yield wait()
@@ -211,9 +217,7 @@ def _kbuild(k: Kernel, size: int, seed: int) -> int:
 
     def shell(u, i):
         _startup(u, 4)
-        top = yield brk(0)
-        yield brk(top + (2 << 12))
-        u.write(top, 2, 8, tag=i)
+        yield from _grow_heap(u, 2, i)
         yield fork(exec_child, cc, compiler, i)
         u.write(u.stack_top - 4096, 1, 2, tag=i)           # back in the parent: its stack (COW or reuse)
         _, status = yield wait()
@@ -245,9 +249,7 @@ def _kbuild(k: Kernel, size: int, seed: int) -> int:
 
     def make_prog(u, n):
         _startup(u, 4)
-        top = yield brk(0)
-        yield brk(top + (5 << 12))
-        u.write(top, 5, 8, tag=seed)
+        top = yield from _grow_heap(u, 5, seed)
         for i in range(n):
             u.read(top, 5, 4)                                # the dependency graph
             yield fork(exec_child, sh, shell, i)
