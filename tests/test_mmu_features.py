@@ -247,3 +247,16 @@ def test_a_pte_write_on_one_vcpu_flushes_the_other_vcpus_hardware_tlb():
     assert v1.tlb.lookup(USER_BASE) is None
     assert v1.load(USER_BASE, 8) == 0                   # the new (zeroed) frame
     vm.audit()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_an_invalid_access_size_is_a_clear_error_on_the_fast_path_too(native):
+    vm = VM(16 << 20, native=native)
+    v = vm.vcpu
+    v.store(0x1000, 5, 8)
+    v.load(0x1000, 8)                              # the TLB now holds the page
+    for size in (3, 16):
+        with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+            v.load(0x1000, size)
+    with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+        v.store(0x1000, 1, 3)
