@@ -30,6 +30,7 @@ from ..x86.cpu import A_SMAP_OVERRIDE, CpuState
 from ..x86.faults import PageFault
 from ..x86.tlb import Tlb
 
+_SIZES = (1, 2, 4, 8)
 MAX_NESTED_FAULTS = 4        # a fault in a fault handler in a fault handler ... is a triple fault
 MAX_FAULT_RETRIES = 32       # an access the guest handler never fixes
 
@@ -96,7 +97,8 @@ class VCpu:
                     return f[1][off >> 3]
                 if size == 4 and not off & 3:
                     return f[2][off >> 2]
-                return int.from_bytes(f[0][off:off + size], "little")
+                if size in _SIZES:
+                    return int.from_bytes(f[0][off:off + size], "little")
         return self._access(vaddr, size, self._acc, None)
 
     def store(self, vaddr: int, value: int, size: int = 8) -> None:
@@ -122,8 +124,10 @@ class VCpu:
                     f[1][off >> 3] = value
                 elif size == 4 and not off & 3:
                     f[2][off >> 2] = value
-                else:
+                elif size in _SIZES:
                     f[0][off:off + size] = value.to_bytes(size, "little")
+                else:
+                    self._access(vaddr, size, self._acc | ACC_WRITE, value)    # says what is wrong
                 return
         self._access(vaddr, size, self._acc | ACC_WRITE, value)
 
