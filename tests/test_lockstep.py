@@ -10,7 +10,7 @@ from shadowmmu.vm.lockstep import (
     GUESTS, HypothesisChooser, Lockstep, Op, RandomChooser, campaign, generate_op,
 )
 
-FORMATS = ("32", "pae", "64")
+FORMATS = ("32", "pae", "64", "la57")
 POLICIES = ("zap", "update")
 
 

@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lockstep", action="store_true", help="native vs shadow lockstep campaign")
     c.add_argument("--steps", type=int, default=10_000, help="lockstep steps per guest format and policy")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--guest", choices=("32", "pae", "64"))
+    c.add_argument("--guest", choices=("32", "pae", "64", "la57"), help="default: all four")
     c.add_argument("--policy", choices=("zap", "update"))
     c.add_argument("--seed-bug", action="store_true", help="use the seed's update_pte access bits (U|W)")
     c.set_defaults(func=cmd_selfcheck)

@@ -30,12 +30,12 @@ from .vm import VM
 
 RAM_SIZE = 16 << 20
 WINDOW_PAGES = 0x80              # gva 0..512K identity-mapped for the kernel: tables and data live here
-GUESTS = {"32": PagingMode.BITS32, "pae": PagingMode.PAE, "64": PagingMode.LEVEL4}
+GUESTS = {"32": PagingMode.BITS32, "pae": PagingMode.PAE, "64": PagingMode.LEVEL4, "la57": PagingMode.LEVEL5}
 
 # frames (gfns) of the world
 ROOTS = (0x10, 0x11)             # two address spaces (PAE: the PDPT pages)
 WINDOW_TABLES = (0x12, 0x13, 0x14, 0x15)
-POOL = tuple(range(0x20, 0x28))  # page tables the program links and edits
+POOL = tuple(range(0x20, 0x2C))  # page tables the program links and edits
 DATA = tuple(range(0x30, 0x38))
 LARGE_FRAMES = (0x200, 0x400, 0x201)   # 2M/4M-aligned targets (0x201: misaligned -> reserved bits)
 
@@ -87,6 +87,8 @@ def _test_indices(mode: PagingMode):
         return ((256, 257), (0, 1, 2))
     if mode is PagingMode.PAE:
         return ((1, 2), (0, 1), (0, 1, 2))
+    if mode is PagingMode.LEVEL5:
+        return ((1, 2), (0, 1), (0, 1), (0, 1), (0, 1, 2))
     return ((1, 2), (0, 1), (0, 1), (0, 1, 2))
 
 
@@ -118,16 +120,12 @@ def build_world(vm: VM, mode: PagingMode) -> None:
             put((root << 12), (WINDOW_TABLES[0] << 12) | P)
         else:
             put((root << 12), (WINDOW_TABLES[0] << 12) | P | W | A)
-    # the window: gva == gpa for the first WINDOW_PAGES frames, supervisor, RW, A|D
-    if mode is PagingMode.LEVEL4:
-        put(WINDOW_TABLES[0] << 12, (WINDOW_TABLES[1] << 12) | P | W | A)
-        put(WINDOW_TABLES[1] << 12, (WINDOW_TABLES[2] << 12) | P | W | A)
-        pt = WINDOW_TABLES[2]
-    elif mode is PagingMode.PAE:
-        put(WINDOW_TABLES[0] << 12, (WINDOW_TABLES[1] << 12) | P | W | A)
-        pt = WINDOW_TABLES[1]
-    else:
-        pt = WINDOW_TABLES[0]
+    # the window: gva == gpa for the first WINDOW_PAGES frames, supervisor, RW, A|D;
+    # a chain of window tables below the root, one per remaining level
+    chain = {PagingMode.BITS32: 1, PagingMode.PAE: 2, PagingMode.LEVEL4: 3, PagingMode.LEVEL5: 4}[mode]
+    for upper, lower in zip(WINDOW_TABLES[:chain - 1], WINDOW_TABLES[1:chain]):
+        put(upper << 12, (lower << 12) | P | W | A)
+    pt = WINDOW_TABLES[chain - 1]
     for gfn in range(WINDOW_PAGES):
         put((pt << 12) + gfn * esz, (gfn << 12) | P | W | A | D)
     for i, gfn in enumerate(DATA):
