@@ -43,6 +43,8 @@ def test_run_native_has_no_exits(capsys):
     (["run", "demand", "--size", "0"], "--size must be a positive integer"),
     (["compare", "demand", "nothing"], "unknown workload 'nothing'"),
     (["selfcheck"], "say what to check"),
+    (["bench", "mmu", "--pages", "0"], "--pages must be positive"),
+    (["run", "demand", "--guest", "32", "--size", "200000"], "the guest kernel gave up: out of memory"),
 ])
 def test_bad_arguments_are_one_clear_line(args, message):
     r = shadowmmu(*args)

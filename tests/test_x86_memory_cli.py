@@ -91,3 +91,15 @@ def test_walk_command_rejects_a_bad_mode(image_4level):
     r = subprocess.run([sys.executable, "-m", "shadowmmu.cli", "walk", str(path), "0x0", "--mode", "16"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown paging mode '16'" in r.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["0x123456789", "--mode", "32"], "does not fit in 32 bits"),
+    (["0x1000", "--mode", "64", "--maxphyaddr", "60"], "--maxphyaddr must be between 32 and 52"),
+    (["0x1000", "--mode", "64", "--cr3", "0x100000"], "leaves the image"),
+])
+def test_walk_command_bad_input_is_one_clear_line(image_4level, extra, message):
+    path, _ = image_4level
+    r = subprocess.run([sys.executable, "-m", "shadowmmu.cli", "walk", str(path), *extra],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

@@ -22,10 +22,12 @@ def _int(text: str) -> int:
 
 # --- walk ---------------------------------------------------------------------
 def cmd_walk(args) -> int:
-    from .x86 import Access, CpuState, GeneralProtection, PhysicalMemory
+    from .x86 import Access, CpuState, GeneralProtection, PhysicalAddressError, PhysicalMemory
     from .x86.builder import control_registers, parse_mode
     from .x86.narrate import narrate
 
+    if not 32 <= args.maxphyaddr <= 52:
+        raise UsageError(f"--maxphyaddr must be between 32 and 52, got {args.maxphyaddr}")
     try:
         with open(args.image, "rb") as f:
             image = f.read()
@@ -60,7 +62,14 @@ def cmd_walk(args) -> int:
     elif args.implicit:
         access |= Access.IMPLICIT
     for vaddr in args.address:
-        for line in narrate(mem, cpu, vaddr, access, set_ad=args.set_ad):
+        try:
+            lines = narrate(mem, cpu, vaddr, access, set_ad=args.set_ad)
+        except PhysicalAddressError as e:
+            raise UsageError(f"the walk of {vaddr:#x} leaves the image: {e} (give --memory-size, or check CR3 "
+                             "and the entries)") from None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        for line in lines:
             print(line)
     return 0
 
@@ -68,6 +77,8 @@ def cmd_walk(args) -> int:
 # --- bench --------------------------------------------------------------------
 def cmd_bench(args) -> int:
     console = _console()
+    if args.pages <= 0:
+        raise UsageError(f"--pages must be positive, got {args.pages}")
     if args.what == "walk":
         from .analysis.bench_walk import bench_walk
         rows = bench_walk(args.pages)
@@ -106,7 +117,7 @@ def cmd_bench(args) -> int:
             t.add_column(col, justify="right")
         for guest in args.guest:
             for policy in ("native", "zap", "update"):
-                r = run_workload(make_vm(policy, "kbuild"), "kbuild", guest=guest)
+                r = run_workload(make_vm(policy, "kbuild", guest=guest), "kbuild", guest=guest)
                 ev = r["guest_events"]
                 t.add_row(guest, policy, f"{r['accesses']:,}", f"{ev['user_accesses']:,}", f"{r['seconds']:.2f}",
                           f"{r['accesses'] / r['seconds']:,.0f}", f"{ev['user_accesses'] / r['seconds']:,.0f}")
@@ -400,12 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .guest import GuestKernelError
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UsageError as e:
         print(f"shadowmmu: error: {e}", file=sys.stderr)
+        return 2
+    except GuestKernelError as e:
+        print(f"shadowmmu: error: the guest kernel gave up: {e} (try a smaller --size)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -20,14 +20,18 @@ POLICIES = ("native", "zap", "update")
 DEFAULT_COMPARE = ("demand", "forkwait", "kbuild")
 
 
-def make_vm(policy: str, workload: str, size=None, *, tracing: bool = False) -> VM:
+MAX_RAM_MB = {"32": 512, "pae": 512, "64": 8192}      # 32-bit guests: lowmem only
+
+
+def make_vm(policy: str, workload: str, size=None, guest: str = "64", *, tracing: bool = False) -> VM:
     """A VM sized for the workload: the guest zeroes all its RAM at boot, so no more
-    than the workload wants (scaled with its size, at most 512 MB: 32-bit lowmem)."""
+    than the workload wants (scaled with its size; 32-bit and PAE guests at most
+    512 MB of lowmem)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     spec = WORKLOADS[workload]
     scale = 1 if size is None else max(1, -(-size // spec.default_size))
-    ram_mb = min(512, spec.ram_mb * scale)
+    ram_mb = min(MAX_RAM_MB[guest], spec.ram_mb * scale)
     return VM(ram_mb << 20, native=policy == "native", pte_write="update" if policy == "native" else policy,
               pool_pages=4096, tracing=tracing)
 
@@ -48,7 +52,7 @@ def simulate(workload: str, policy: str, guest: str, size=None, seed: int = 0, p
     key = (workload, policy, guest, size, seed)
     result = _RUNS.get(key)
     if result is None:
-        vm = make_vm(policy, workload, size)
+        vm = make_vm(policy, workload, size, guest)
         result = run_workload(vm, workload, guest=guest, size=size, seed=seed, progress=progress)
         result["policy"] = policy
         _RUNS[key] = result
