@@ -44,6 +44,7 @@ def test_run_native_has_no_exits(capsys):
     (["compare", "demand", "nothing"], "unknown workload 'nothing'"),
     (["selfcheck"], "say what to check"),
     (["bench", "mmu", "--pages", "0"], "--pages must be positive"),
+    (["run", "demand", "--size", "8", "--plot", "/nonexistent/dir/x.png"], "cannot write the plot"),
     (["run", "demand", "--guest", "32", "--size", "200000"], "the guest kernel gave up: out of memory"),
 ])
 def test_bad_arguments_are_one_clear_line(args, message):

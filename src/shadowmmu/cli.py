@@ -229,6 +229,15 @@ def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=None if stream.isatty() else 132)
 
 
+def _plot(plot_reports, reports, path: str) -> None:
+    try:
+        plot_reports(reports, path)
+    except OSError as e:
+        raise UsageError(f"cannot write the plot to {path!r}: {e.strerror}") from None
+    except ValueError as e:            # e.g. an extension matplotlib does not know
+        raise UsageError(f"cannot write the plot to {path!r}: {e}") from None
+
+
 def _fmt(x, digits=2):
     return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
@@ -244,7 +253,7 @@ def cmd_run(args) -> int:
         rep = run_report(args.workload, policy, args.guest, args.size, args.seed, args.costs, progress=cb)
     if args.plot:
         from .analysis.plots import plot_reports
-        plot_reports([rep], args.plot)
+        _plot(plot_reports, [rep], args.plot)
     if args.json:
         print(json.dumps(rep, indent=2, default=str))
         return 0
@@ -289,7 +298,7 @@ def cmd_compare(args) -> int:
         preds = {g: prediction(g, args.costs) for g in guests} if "kbuild" in workloads else {}
     if args.plot:
         from .analysis.plots import plot_reports
-        plot_reports(reports, args.plot)
+        _plot(plot_reports, reports, args.plot)
     if args.json:
         print(json.dumps({"reports": reports, "predictions": preds}, indent=2, default=str))
         return 0
