@@ -3,18 +3,15 @@
 A fault's cost under shadow paging is not only the exits inside the guest's
 handler: it starts with the exit that found the guest pte missing (the injected
 #PF) and ends when the retried access completes (under the "zap" policy, one
-more exit to install the spte).  So the meter brackets the *access*: it wraps the
-vCPU's slow path (``VCpu._access``, which every access that misses the TLB and
-every faulting access goes through; TLB hits never fault and are not touched) for
-accesses to user addresses.  For each such access it notes the exit counters
+more exit to install the spte).  So the meter brackets the *access*: it is the
+vCPU's ``access_hook``, called on the slow path (``VCpu._access``, which every
+access that misses the TLB and every faulting access goes through; TLB hits never
+fault and are not touched), and it measures accesses to user addresses.  For each such access it notes the exit counters
 before and after; if the kernel's fault handler ran during it, the exits in
 between are the fault's, attributed to the kind the handler classified (the
 outermost fault wins; anything nested — the handler's own page-table writes and
-their exits — counts to it).  The guest cannot tell: it is a wrapper around a
-method, like a performance counter, and changes nothing the vCPU does.
-
-(The wrapper is installed on the vCPU *instance*; vcpu.py is not edited.  A VM
-hook "access completed, with the exits it took" would make this unnecessary.)
+their exits — counts to it).  The guest cannot tell: like a performance counter,
+the hook observes and changes nothing the vCPU does.
 """
 
 from __future__ import annotations
@@ -51,19 +48,18 @@ class FaultMeter:
 
     def install(self) -> None:
         v = self.kernel.vcpu
-        orig = v._access
         exits = self.kernel.vm.events.exits
         user_top = self.kernel.pg.user_top
         meter = self
 
-        def access(vaddr, size, acc, value):
+        def around(inner, vaddr, size, acc, value):
             if vaddr >= user_top or meter._busy:
-                return orig(vaddr, size, acc, value)
+                return inner(vaddr, size, acc, value)
             meter._busy = True
             meter._kind = None
             before = dict(exits)
             try:
-                return orig(vaddr, size, acc, value)
+                return inner(vaddr, size, acc, value)
             finally:
                 meter._busy = False
                 kind = meter._kind
@@ -71,7 +67,7 @@ class FaultMeter:
                     meter._kind = None
                     meter._record(kind, before, exits)
 
-        v._access = access
+        v.access_hook = around
 
     def _record(self, kind: str, before: dict, exits: Counter) -> None:
         delta = {r: n - before.get(r, 0) for r, n in exits.items() if n != before.get(r, 0)}

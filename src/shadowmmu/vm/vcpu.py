@@ -56,6 +56,7 @@ class VCpu:
         self.fault_depth = 0
         self.mmu_roots_invalid = False
         self.mmu_state = None
+        self.access_hook = None          # see _access
         self.stats: Counter = Counter()
         self._host_frames = vm.host._frames
         self._sync_access()
@@ -204,6 +205,16 @@ class VCpu:
         return self._access(vaddr, 1, self._acc | ACC_FETCH, None)
 
     def _access(self, vaddr: int, size: int, access: int, value: int | None):
+        """The slow path of every access that misses the TLB fast path, and so of every
+        access that faults.  ``access_hook`` (a performance-counter-like observer, e.g.
+        per-fault exit accounting) sees each one: hook(inner, vaddr, size, access, value)
+        must call inner(vaddr, size, access, value) and return its result."""
+        hook = self.access_hook
+        if hook is not None:
+            return hook(self._access_inner, vaddr, size, access, value)
+        return self._access_inner(vaddr, size, access, value)
+
+    def _access_inner(self, vaddr: int, size: int, access: int, value: int | None):
         if size not in (1, 2, 4, 8):
             raise ValueError(f"access size must be 1, 2, 4 or 8 bytes, got {size}")
         tries = 0
