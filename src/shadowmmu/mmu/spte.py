@@ -29,10 +29,10 @@ SPTE_NX = PTE_NX
 # spte marks MMIO: the rest of the spte holds the gpa, so the fault path knows
 # at once that the access must be emulated (2007's PT_SHADOW_IO_MARK).
 SPTE_MMIO = 1 << 9
-# Bits 10/11: the guest's own W/U rights, recorded when the MMU demoted them
-# (2007's PT_SHADOW_WRITABLE/USER_MASK): kept for the trace and the audit.
+# Bit 10: the guest allows writes (2007's PT_SHADOW_WRITABLE_MASK), set on leaf
+# sptes whose W the MMU may have withheld (clean pte, shadowed table): it shows in
+# the trace why a read-only spte is read-only.
 SPTE_GUEST_W = 1 << 10
-SPTE_GUEST_U = 1 << 11
 SPTE_ADDR = 0x000FFFFFFFFFF000
 # A non-leaf spte grants everything; rights are enforced at the leaf, which
 # carries the AND of every level's rights (the role's inherited access).

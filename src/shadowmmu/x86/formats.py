@@ -33,11 +33,6 @@ class PagingFormat:
     nx: bool                  # has the XD bit (8-byte formats)
     pkeys: bool               # leaf bits 62:59 are a protection key (IA-32e only)
 
-    @property
-    def page_shifts(self) -> dict[int, int]:
-        """Level -> log2 of the region one entry at that level maps."""
-        return {lvl: 12 + self.index_bits * (lvl - 1) for lvl in range(1, self.levels + 2)}
-
 
 BITS32 = PagingFormat(PagingMode.BITS32, 4, 2, 10, 32, frozenset({2}), nx=False, pkeys=False)
 PAE = PagingFormat(PagingMode.PAE, 8, 2, 9, 32, frozenset({2}), nx=True, pkeys=False)

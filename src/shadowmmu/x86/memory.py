@@ -90,10 +90,6 @@ class PhysicalMemory:
     def allocated_frames(self) -> list[int]:
         return sorted(self._frames)
 
-    def free_frame(self, pfn: int) -> None:
-        """Forget a frame (it reads as zeros again)."""
-        self._frames.pop(pfn, None)
-
     # --- byte access --------------------------------------------------------
     def read(self, paddr: int, n: int) -> bytes:
         self._check(paddr, n)

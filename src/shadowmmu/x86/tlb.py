@@ -12,8 +12,8 @@ fault (or the D update) comes from the paging structures in memory.
 
 from __future__ import annotations
 
-from .bits import ACC_IMPLICIT, ACC_USER, ACC_WRITE
-from .cpu import A_SMAP_OVERRIDE, R_U, CpuState
+from .bits import ACC_WRITE
+from .cpu import R_U, CpuState, access_index
 from .walker import _pkey_denies, translate
 
 _LARGE_SHIFTS = (21, 22, 30)
@@ -48,11 +48,8 @@ class Tlb:
         or with ``probe`` returns -1 instead."""
         e = self.small.get(vaddr >> 12)
         if e is not None:
-            acc = ((access & 6) << 2) | ((access & 16) << 1)
-            if cpu.ac and not access & (ACC_USER | ACC_IMPLICIT):
-                acc |= A_SMAP_OVERRIDE
             r = e[1]
-            if not cpu.perm[r | acc] and (e[2] or not access & ACC_WRITE) and not (
+            if not cpu.perm[r | access_index(access, cpu.ac)] and (e[2] or not access & ACC_WRITE) and not (
                     cpu.pk_active and r & R_U and not access & 16
                     and _pkey_denies(cpu, e[4], access & ACC_WRITE, access)):
                 self.hits += 1

@@ -54,19 +54,6 @@ class Translation(NamedTuple):
         return PAGE_SIZE_NAMES[self.page_shift]
 
 
-def check_canonical(cpu: CpuState, vaddr: int) -> int:
-    """Return vaddr if it is a valid linear address in the current mode, else raise."""
-    fmt = cpu.format
-    if fmt is not None and fmt.va_bits > 32:
-        bits = fmt.va_bits
-        top = vaddr >> (bits - 1)
-        if top != 0 and top != (1 << (65 - bits)) - 1:
-            raise NonCanonicalAddress(vaddr, bits)
-    elif not 0 <= vaddr < 1 << 32:
-        raise ValueError(f"linear address {vaddr:#x} does not fit in 32 bits")
-    return vaddr
-
-
 _VALID_ACCESS = ACC_WRITE | ACC_USER | ACC_FETCH | ACC_IMPLICIT
 # every legal combination: no fetch that writes, no implicit access from user mode
 _VALID_ACCESSES = frozenset(a for a in range(_VALID_ACCESS + 1) if not a & ~_VALID_ACCESS
@@ -159,7 +146,7 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
     rights &= leaf_value ^ PTE_NX if wide else leaf_value | PTE_NX
 
     r = ((rights >> 1) & 3) | ((rights >> 61) & 4)       # R_W | R_U | R_X
-    acc = ((access & 6) << 2) | ((access & 16) << 1)
+    acc = ((access & 6) << 2) | ((access & 16) << 1)      # cpu.access_index(), inlined (hot path)
     if cpu.ac and not access & (ACC_USER | ACC_IMPLICIT):
         acc |= A_SMAP_OVERRIDE
     write = access & ACC_WRITE
