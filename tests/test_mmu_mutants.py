@@ -24,3 +24,295 @@ def test_a_short_seeded_program_runs_identically_native_and_shadowed_under_recla
     d = ls.run(program)
     assert d is None, str(d)
     assert ls.shadow.mmu.stats["reclaimed"] > 0
+
+
+# ---------------------------------------------------------------------------
+# Helpers (the patterns of test_mmu_features.py)
+
+from shadowmmu.guest.minimal import USER_BASE, MiniGuest  # noqa: E402
+from shadowmmu.mmu.spte import ACC_DIRTY, ACC_U, ACC_W, ACC_X, SPTE_NX, Role  # noqa: E402
+from shadowmmu.vm import VM  # noqa: E402
+from shadowmmu.x86 import PageFault  # noqa: E402
+from shadowmmu.x86.bits import ACC_WRITE  # noqa: E402
+from shadowmmu.x86.walker import translate  # noqa: E402
+
+P, W, U, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
+NX = 1 << 63
+
+
+def shadowed(guest="64", policy="update", **kw):
+    """A booted guest whose first user page table is shadowed (one user page touched); CPL0."""
+    vm = VM(16 << 20, pte_write=policy, **kw)
+    g = MiniGuest(vm, guest)
+    v = vm.vcpu
+    v.set_cpl(3)
+    v.store(USER_BASE, 1, 8)
+    v.set_cpl(0)
+    return vm, g, v
+
+
+def leaf_spte(vm, va):
+    """The last spte the hardware walk of va reads in vCPU 0's shadow tables."""
+    try:
+        t = translate(vm.host, vm.vcpu.hw, va, 0, set_ad=False)
+    except PageFault as pf:
+        return pf.entries[-1][2]
+    return t.entries[-1][2]
+
+
+def notes(vm, kind):
+    return [line for k, line in vm.events.trace if k == kind]
+
+
+# ---------------------------------------------------------------------------
+# Narration: what the trace says about shadow pages and pte writes
+
+
+def test_a_role_describes_itself_level_kind_quadrant_rights_and_wp0():
+    assert Role(level=1, glevels=4).describe() == "L1 g4 q0 WUX"
+    assert Role(level=2, glevels=2, quadrant=3, access=ACC_U, cr0_wp=False).describe() == "L2 g2 q3 -U- wp0"
+    assert Role(level=1, glevels=3, direct=True, access=ACC_W | ACC_X | ACC_DIRTY).describe() == "L1 direct q0 W-XD"
+    assert Role(level=1, glevels=3, direct=True, access=ACC_U).describe() == "L1 direct q0 -U-"
+    # only a direct page records the large page's dirtiness
+    assert Role(level=1, glevels=4, access=ACC_ALL_D).describe() == "L1 g4 q0 WUX"
+
+
+ACC_ALL_D = ACC_W | ACC_U | ACC_X | ACC_DIRTY
+
+
+@pytest.mark.parametrize("policy", ("zap", "update"))
+def test_the_trace_narrates_each_pte_write_with_the_policy_and_what_it_does(policy):
+    vm, g, v = shadowed(policy=policy, tracing=True)
+    pt_addr = g.pte_addr(USER_BASE)
+    pt = pt_addr >> 12
+    vm.events.clear_trace()
+    zaps, updates = vm.mmu.stats["pte_zaps"], vm.mmu.stats["pte_updates"]
+    v.store(pt_addr + 8, (0x300 << 12) | P | W | U | A | D, 8)      # a whole pte
+    v.store(pt_addr + 16, 0, 4)                                     # half a pte: nothing to install
+    act = "install the spte from it" if policy == "update" else "clear the spte"
+    assert notes(vm, "pte write") == [
+        f"  pte write: guest writes 0x300067 to its level-1 table gfn {pt:#x} +0x8; policy '{policy}': {act}",
+        f"  pte write: guest writes 0x0 to its level-1 table gfn {pt:#x} +0x10; policy '{policy}': clear the spte",
+    ]
+    assert vm.mmu.stats["pte_zaps"] == zaps + 2
+    assert vm.mmu.stats["pte_updates"] == updates + (1 if policy == "update" else 0)
+
+
+def test_a_write_to_an_upper_level_table_is_narrated_as_a_clear_even_under_update():
+    vm, g, v = shadowed(policy="update", tracing=True)
+    # the page directory entry for USER_BASE, from the guest's own walk
+    t = translate(vm.gmem, v.guest, USER_BASE, 0, set_ad=False)
+    lvl, pde_addr, pde = t.entries[-2]
+    assert lvl == 2
+    vm.events.clear_trace()
+    v.store(pde_addr + 8, pde, 8)            # the next PDE: same table below, a level-2 write
+    assert notes(vm, "pte write") == [
+        f"  pte write: guest writes {pde:#x} to its level-2 table gfn {pde_addr >> 12:#x} "
+        f"+{(pde_addr & 0xFFF) + 8:#x}; policy 'update': clear the spte"]
+    assert vm.mmu.stats["pte_updates"] == 0
+
+
+def test_the_trace_names_why_a_pte_write_zapped_a_shadow_page():
+    vm, g, v = shadowed(tracing=True)
+    pt_addr = g.pte_addr(USER_BASE)
+    pt = pt_addr >> 12
+    vm.events.clear_trace()
+    v.store(pt_addr + 3, 0, 2)                                      # misaligned: zap
+    assert notes(vm, "zap on pte write") == [f"  zap on pte write: gfn {pt:#x}: misaligned"]
+    assert notes(vm, "shadow page zapped") == [f"  shadow page zapped: gfn {pt:#x} L1 g4 q0 WUX"]
+    v.set_cpl(3)
+    v.load(USER_BASE, 8)                                            # shadowed again
+    assert notes(vm, "shadow page created") == [f"  shadow page created: gfn {pt:#x} L1 g4 q0 WUX"]
+    v.set_cpl(0)
+    vm.events.clear_trace()
+    for i in range(3):
+        v.store(pt_addr + 8 * (40 + i), 0, 8)
+    assert notes(vm, "zap on pte write") == [f"  zap on pte write: gfn {pt:#x}: flood"]
+    assert vm.mmu.stats["flooded"] == 1 and vm.mmu.stats["misaligned_zaps"] == 1
+
+
+# ---------------------------------------------------------------------------
+# pte_write: flood detection, misalignment, counts
+
+
+def test_only_consecutive_writes_to_the_same_table_count_as_a_flood():
+    """Writes alternating between two shadowed tables never flood either."""
+    vm, g, v = shadowed()
+    v.set_cpl(3)
+    v.store(USER_BASE + (2 << 20), 1, 8)              # a second user page table
+    v.set_cpl(0)
+    a, b = g.pte_addr(USER_BASE), g.pte_addr(USER_BASE + (2 << 20))
+    assert a >> 12 != b >> 12
+    zaps = vm.mmu.stats["pte_zaps"]
+    for i in range(3):
+        v.store(a + 8 * (10 + i), 0, 8)
+        v.store(b + 8 * (10 + i), 0, 8)
+    assert vm.mmu.stats["flooded"] == 0
+    assert vm.mmu.is_shadowed(a >> 12) and vm.mmu.is_shadowed(b >> 12)
+    assert vm.mmu.stats["pte_zaps"] == zaps + 6
+    vm.audit()
+
+
+def test_a_write_that_crosses_a_pte_boundary_by_one_byte_zaps():
+    """offset 5, 4 bytes: bytes 5..8 touch two 8-byte ptes."""
+    vm, g, v = shadowed()
+    pt_addr = g.pte_addr(USER_BASE)
+    zapped = vm.mmu.stats["pages_zapped"]
+    v.store(pt_addr + 8 * 10 + 5, 0, 4)
+    assert vm.mmu.stats["misaligned_zaps"] == 1
+    assert not vm.mmu.is_shadowed(pt_addr >> 12)
+    v.set_cpl(3)
+    v.load(USER_BASE, 8)                               # shadow it again
+    v.set_cpl(0)
+    v.store(pt_addr + 8 * 20 + 1, 0, 1)                # a 1-byte write zaps as well
+    assert vm.mmu.stats["misaligned_zaps"] == 2
+    assert vm.mmu.stats["pages_zapped"] == zapped + 2
+    vm.audit()
+
+
+def test_a_4mb_guest_pde_write_clears_both_2mb_shadow_pdes():
+    """32-bit guest: one 4-byte PDE covers 4 MB = two 512-entry shadow PDEs."""
+    vm = VM(16 << 20, pte_write="update")
+    g = MiniGuest(vm, "32")
+    v = vm.vcpu
+    v.set_cpl(3)
+    v.store(USER_BASE, 1, 8)
+    v.store(USER_BASE + (2 << 20), 2, 8)               # the other half of the same 4 MB
+    v.set_cpl(0)
+    t = translate(vm.gmem, v.guest, USER_BASE, 0, set_ad=False)
+    _, pde_addr, pde = t.entries[0]
+    zaps = vm.mmu.stats["pte_zaps"]
+    v.store(pde_addr, pde, 4)                          # rewrite the PDE as it is
+    assert vm.mmu.stats["pte_zaps"] == zaps + 2
+    exits = vm.events.total_exits
+    v.set_cpl(3)
+    assert v.load(USER_BASE, 8) == 1 and v.load(USER_BASE + (2 << 20), 8) == 2
+    assert vm.events.total_exits == exits + 2          # both halves refault: both sptes were cleared
+    vm.audit()
+
+
+# ---------------------------------------------------------------------------
+# Construction, the pool, statistics
+
+from shadowmmu.mmu.mmu import ShadowMMU  # noqa: E402
+
+
+def test_a_new_shadow_mmu_has_the_documented_defaults_and_zeroed_statistics():
+    vm = VM(1 << 20, native=True)                       # just memory to build an MMU on
+    frames = list(range(0x100, 0x110))                 # 16: the minimum
+    mmu = ShadowMMU(vm.host, vm.gmem, frames)
+    assert (mmu.policy, mmu.seed_access_bug, mmu.events) == ("update", False, None)
+    assert (mmu.pool_lo, mmu.pool_hi, mmu.pool_size) == (0x100, 0x110, 16)
+    assert mmu.stats == dict.fromkeys(("pages_created", "pages_zapped", "reclaimed", "flooded",
+                                       "unshadowed_user_write", "tlb_flushes", "pte_updates", "pte_zaps",
+                                       "misaligned_zaps"), 0)
+    mmu.flush_tlbs()                                   # nothing changed: nothing to flush
+    assert mmu.stats["tlb_flushes"] == 0
+    with pytest.raises(ValueError, match="^the shadow page pool needs at least 16 frames, got 15$"):
+        ShadowMMU(vm.host, vm.gmem, frames[:15])
+    with pytest.raises(ValueError, match=r"^pte_write policy must be one of \('zap', 'update'\), got 'clear'$"):
+        ShadowMMU(vm.host, vm.gmem, frames, pte_write="clear")
+
+
+def test_each_vcpu_takes_one_pool_frame_for_its_pae_root_table():
+    vm = VM(16 << 20, pool_pages=16, nr_vcpus=2)       # 18 frames: 16 shadow pages + 2 PAE roots
+    assert vm.mmu.pool_size == 16
+    assert len(vm.mmu.free) + vm.mmu.nr_pages == 16
+
+
+def test_a_root_zapped_while_in_use_returns_its_frame_when_released():
+    vm, g, v = shadowed()
+    mmu = vm.mmu
+    zapped = mmu.stats["pages_zapped"]
+    n = mmu.nr_pages
+    mmu.zap_all()
+    assert mmu.nr_pages == 0 and mmu.stats["pages_zapped"] == zapped + n
+    assert len(mmu.free) == mmu.pool_size - 1          # the root keeps its frame while loaded
+    root = mmu.by_hpfn[v.hw.cr3 >> 12]
+    assert root.zapped is True and v.mmu_roots_invalid
+    v.write_cr3(v.guest.cr3)                           # release the old root, load a new one
+    assert len(mmu.free) + mmu.nr_pages == mmu.pool_size
+    assert root.hpfn not in mmu.by_hpfn or mmu.by_hpfn[root.hpfn] is not root
+    v.set_cpl(3)
+    assert v.load(USER_BASE, 8) == 1
+    vm.audit()
+
+
+# ---------------------------------------------------------------------------
+# update_pte: which guest ptes are installed, with what
+
+
+def test_update_installs_a_written_pte_with_its_nx_bit_in_every_wide_format():
+    for guest in ("pae", "64"):
+        vm, g, v = shadowed(guest)
+        va = USER_BASE + 5 * 4096
+        frame = g.alloc()
+        before = vm.mmu.stats["pte_updates"]
+        v.store(g.pte_addr(va), (frame << 12) | P | W | U | A | D | NX, 8)
+        assert vm.mmu.stats["pte_updates"] == before + 1, guest
+        spte = leaf_spte(vm, va)
+        assert spte & SPTE_NX and spte & P and spte & W, (guest, hex(spte))
+        exits = vm.events.total_exits
+        v.set_cpl(3)
+        assert v.load(va, 8) == 0
+        assert vm.events.total_exits == exits, guest          # installed: no exit
+        vm.audit()
+
+
+def test_update_skips_a_pte_with_a_reserved_bit_and_leaves_the_fault_to_the_guest_walk():
+    for guest, bit in (("pae", 1 << 52), ("64", 1 << 45)):
+        vm, g, v = shadowed(guest)
+        va = USER_BASE + 6 * 4096
+        before = vm.mmu.stats["pte_updates"]
+        v.store(g.pte_addr(va), (g.alloc() << 12) | P | W | U | A | D | bit, 8)
+        assert vm.mmu.stats["pte_updates"] == before, guest
+        assert not leaf_spte(vm, va) & P
+        vm.audit()
+
+
+def test_update_installs_nothing_for_a_pte_that_points_outside_guest_ram():
+    """A gpa above 4 GB with no memslot behind it: an MMIO spte is never installed by
+    update_pte (the access faults and is emulated); the high gfn bits are not lost."""
+    for guest in ("pae", "64"):
+        vm, g, v = shadowed(guest)
+        va = USER_BASE + 7 * 4096
+        before = vm.mmu.stats["pte_updates"]
+        v.store(g.pte_addr(va), (1 << 32) | (0x105 << 12) | P | W | U | A | D, 8)
+        assert vm.mmu.stats["pte_updates"] == before, guest
+        assert leaf_spte(vm, va) == 0
+        vm.audit()
+
+
+def test_update_installs_a_32bit_guest_pte_with_its_rights():
+    vm, g, v = shadowed("32")
+    va = USER_BASE + 5 * 4096
+    frame = g.alloc()
+    before = vm.mmu.stats["pte_updates"]
+    v.store(g.pte_addr(va), (frame << 12) | P | U | A, 4)       # read-only, clean
+    assert vm.mmu.stats["pte_updates"] == before + 1
+    spte = leaf_spte(vm, va)
+    assert (spte >> 12, spte & 0xFFF, spte >> 63) == (vm.gmem.gfn_to_pfn(frame), P | U | A, 0)
+    vm.audit()
+
+
+# ---------------------------------------------------------------------------
+# gva_to_gpa, dirty log errors
+
+
+def test_gva_to_gpa_checks_the_access_and_sets_no_accessed_bit():
+    vm, g, v = shadowed()
+    va = USER_BASE + 9 * 4096
+    frame = g.alloc()
+    pte_addr = g.pte_addr(va)
+    v.store(pte_addr, (frame << 12) | P | U, 8)           # read-only, A=0
+    assert vm.mmu.gva_to_gpa(v, va + 0x10) == (frame << 12) | 0x10
+    with pytest.raises(PageFault) as e:
+        vm.mmu.gva_to_gpa(v, va, ACC_WRITE)
+    assert e.value.error_code == P | W
+    assert v.load(pte_addr, 8) == (frame << 12) | P | U    # the walk left A clear
+
+
+def test_reading_the_dirty_log_of_a_slot_that_does_not_log_is_a_clear_error():
+    vm, g, v = shadowed()
+    with pytest.raises(ValueError, match="^dirty logging is not enabled on memslot 0$"):
+        vm.mmu.get_dirty_log(vm.slots[0])
