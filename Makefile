@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench mutate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,24 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider tests
 
+# Mutation testing of the shadow MMU and the x86 walker with mutmut (slow: not part of
+# `make test`).  The mutated files and the fast test selection are in pyproject.toml
+# ([tool.mutmut]); docs/mutation.md has the last results.  MUTATE_JOBS workers (the
+# machine has 2 cores).  `mutmut results` lists survivors, `mutmut show NAME` one diff.
+MUTATE_JOBS ?= 2
+MUTATE_STAMP := $(VENV)/.installed-mutate
+
+$(MUTATE_STAMP): pyproject.toml | $(STAMP)
+	$(PY) -m pip install -q -e '.[test,mutate]'
+	touch $(MUTATE_STAMP)
+
+mutate: $(MUTATE_STAMP)
+	rm -rf mutants
+	env -u PYTHONPATH $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS)
+	env -u PYTHONPATH $(VENV)/bin/mutmut results
+
 bench: $(STAMP)
 	$(VENV)/bin/shadowmmu bench walk
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info mutants

@@ -316,3 +316,135 @@ def test_reading_the_dirty_log_of_a_slot_that_does_not_log_is_a_clear_error():
     vm, g, v = shadowed()
     with pytest.raises(ValueError, match="^dirty logging is not enabled on memslot 0$"):
         vm.mmu.get_dirty_log(vm.slots[0])
+
+
+def test_update_accepts_the_pat_bit_of_a_five_level_guests_pte():
+    """Bit 7 of a 4 KB pte is PAT, not reserved; the reserved mask update_pte checks is
+    the level-1 one (a PML4E's includes bit 7)."""
+    from shadowmmu.x86.builder import control_registers
+    from shadowmmu.x86.formats import PagingMode
+    vm = VM(16 << 20, pte_write="update")
+    v = vm.vcpu
+    for lvl in range(4):                              # PML5 0x100 -> ... -> PT 0x104
+        v.store((0x100 + lvl) << 12, ((0x101 + lvl) << 12) | P | W | U | A, 8)
+    v.store(0x104 << 12, (0x200 << 12) | P | W | U | A | D, 8)        # va 0 -> 0x200
+    v.store((0x104 << 12) + 8, (0x104 << 12) | P | W | A | D, 8)      # va 0x1000 -> the PT itself
+    v.setup_paging(**control_registers(PagingMode.LEVEL5, 0x100 << 12))
+    assert v.load(0, 8) == 0                          # shadows the PT
+    before = vm.mmu.stats["pte_updates"]
+    v.store(0x1000 + 16, (0x201 << 12) | P | W | U | A | D | PS, 8)   # va 0x2000, PAT set
+    assert vm.mmu.stats["pte_updates"] == before + 1
+    exits = vm.events.total_exits
+    assert v.load(0x2000, 8) == 0
+    assert vm.events.total_exits == exits
+    vm.audit()
+
+
+# ---------------------------------------------------------------------------
+# A user write to a shadowed page table: unshadow it, unless it is in use
+
+
+def test_a_user_write_to_a_shadowed_table_it_does_not_walk_unshadows_it():
+    vm, g, v = shadowed()
+    v.set_cpl(3)
+    v.store(USER_BASE + (2 << 20), 1, 8)
+    v.set_cpl(0)
+    b = g.pte_addr(USER_BASE + (2 << 20)) >> 12        # a second user page table
+    assert vm.mmu.is_shadowed(b)
+    x = USER_BASE + 8 * 4096
+    v.store(g.pte_addr(x), (b << 12) | P | W | U | A | D, 8)       # user mapping of that table
+    v.set_cpl(3)
+    before = dict(vm.events.exits)
+    v.store(x + 8 * 100, 0x5A5A, 8)
+    assert not vm.mmu.is_shadowed(b)
+    assert vm.mmu.stats["unshadowed_user_write"] == 1
+    assert vm.events.exits["pte_write"] == before["pte_write"]     # not emulated
+    assert vm.events.exits["pf_fixed"] == before["pf_fixed"] + 1
+    exits = vm.events.total_exits
+    v.store(x + 8 * 101, 0x6B6B, 8)                    # writable now: no exit
+    assert vm.events.total_exits == exits
+    assert v.load(x + 8 * 100, 8) == 0x5A5A
+    vm.audit()
+
+
+def test_a_user_write_to_a_table_of_its_own_walk_is_emulated_and_stays_shadowed():
+    vm, g, v = shadowed()
+    a = g.pte_addr(USER_BASE) >> 12                    # the page table that maps y below
+    y = USER_BASE + 9 * 4096
+    v.store(g.pte_addr(y), (a << 12) | P | W | U | A | D, 8)
+    v.set_cpl(3)
+    before = dict(vm.events.exits)
+    v.store(y + 8 * 100, 0, 8)                         # pte 100 of its own page table
+    assert vm.mmu.is_shadowed(a)
+    assert vm.mmu.stats["unshadowed_user_write"] == 0
+    assert vm.events.exits["pte_write"] == before["pte_write"] + 1
+    vm.audit()
+
+
+def test_a_user_write_to_another_vcpus_root_table_is_emulated_and_it_stays_shadowed():
+    from shadowmmu.x86.builder import control_registers
+    from shadowmmu.x86.formats import PagingMode
+    vm = VM(16 << 20, nr_vcpus=2, pte_write="update")
+    g = MiniGuest(vm, "64")
+    v0, v1 = vm.vcpus
+    r2 = g.alloc()                                     # a copy of the root for vCPU 1
+    for i in range(512):
+        e = v0.load((g.root << 12) + 8 * i, 8)
+        if e:
+            v0.store((r2 << 12) + 8 * i, e, 8)
+    v1.setup_paging(**control_registers(PagingMode.LEVEL4, r2 << 12, nxe=True))
+    assert vm.mmu.is_shadowed(r2)
+    x = USER_BASE + 8 * 4096
+    v0.store(g.pte_addr(x), (r2 << 12) | P | W | U | A | D, 8)
+    v0.set_cpl(3)
+    before = dict(vm.events.exits)
+    v0.store(x + 8 * 300, 0, 8)                        # an unused PML4 entry of vCPU 1's root
+    assert vm.mmu.is_shadowed(r2)
+    assert vm.mmu.stats["unshadowed_user_write"] == 0
+    assert vm.events.exits["pte_write"] == before["pte_write"] + 1
+    vm.audit()
+
+
+# ---------------------------------------------------------------------------
+# The walker: argument errors, 32-bit address range, protection keys
+
+from shadowmmu.x86 import CpuState  # noqa: E402
+from shadowmmu.x86.bits import ACC_FETCH, ACC_USER  # noqa: E402
+from x86_helpers import BITS32, LEVEL4, PKEY_SHIFT, Env, Tables  # noqa: E402
+
+
+def test_translate_rejects_an_invalid_access_with_a_clear_error():
+    tb = Tables(Env(LEVEL4))
+    cpu = tb.cpu()
+    with pytest.raises(ValueError, match="^invalid access flags 0x12$"):
+        translate(tb.mem, cpu, 0, ACC_FETCH | ACC_WRITE)
+
+
+@pytest.mark.parametrize("paging", [False, True], ids=["no-paging", "32-bit"])
+def test_a_32bit_linear_address_is_0_to_4g_minus_1(paging):
+    tb = Tables(Env(BITS32))
+    for va in (0, 0xFFFFF000):
+        tb.map(va, 1, P | W | U, 0x5000)
+    cpu = tb.cpu() if paging else CpuState()
+    assert translate(tb.mem, cpu, 0).paddr == (0x5000 if paging else 0)
+    assert translate(tb.mem, cpu, 0xFFFFFFFF).paddr == (0x5FFF if paging else 0xFFFFFFFF)
+    for va in (1 << 32, (1 << 33) - 1, -1):
+        with pytest.raises(ValueError, match=f"^linear address {va:#x} does not fit in 32 bits$"):
+            translate(tb.mem, cpu, va)
+
+
+def test_pkru_access_disable_denies_user_reads_and_write_disable_only_writes():
+    key = 3
+    va = 0x4000_0000
+    for pkru, read_ok, write_ok in ((0, True, True), (1 << (2 * key), False, False),
+                                    (2 << (2 * key), True, False)):
+        tb = Tables(Env(LEVEL4, pke=True, pkru=pkru))
+        tb.map(va, 1, P | W | U | (key << PKEY_SHIFT), 0x7000)
+        cpu = tb.cpu()
+        for access, ok in ((ACC_USER, read_ok), (ACC_USER | ACC_WRITE, write_ok)):
+            if ok:
+                assert translate(tb.mem, cpu, va, access).paddr == 0x7000
+            else:
+                with pytest.raises(PageFault) as e:
+                    translate(tb.mem, cpu, va, access)
+                assert e.value.error_code == P | access | 0x20          # P, W/U as accessed, PK
