@@ -10,9 +10,10 @@ from __future__ import annotations
 import copy
 
 from ..x86.bits import CR0_WP, CR4_PKE, CR4_SMAP, CR4_SMEP, PTE_A, PTE_D
+from ..x86.cpu import A_F, A_SMAP_OVERRIDE, A_U, A_W, R_U, R_W, R_X, permission_faults
 from ..x86.faults import PageFault
 from ..x86.walker import translate
-from .spte import SPTE_ADDR, SPTE_NX, SPTE_P, SPTE_U, SPTE_W
+from .spte import SPTE_ADDR, SPTE_P, SPTE_W
 
 
 class AuditError(AssertionError):
@@ -80,10 +81,29 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
             _audit_tlb(mmu, vcpu)
 
 
+# Every access a CPU can make, as permission-table columns: CPL 0/3 x read/write/
+# fetch, and RFLAGS.AC for supervisor data accesses (the SMAP override).
+_ACCESS_COLUMNS = tuple(
+    (name, idx) for name, idx in (
+        ("supervisor read", 0), ("supervisor write", A_W), ("supervisor fetch", A_F),
+        ("supervisor read with AC=1", A_SMAP_OVERRIDE), ("supervisor write with AC=1", A_W | A_SMAP_OVERRIDE),
+        ("user read", A_U), ("user write", A_U | A_W), ("user fetch", A_U | A_F)))
+
+
+def _rights(t) -> int:
+    return (R_W if t.writable else 0) | (R_U if t.user else 0) | (R_X if t.executable else 0)
+
+
 def _audit_roots(mmu, vcpu) -> None:
     st = vcpu.mmu_state
-    probe = _probe_cpu(vcpu.guest)
-    wp = bool(vcpu.guest.cr0 & CR0_WP)
+    guest = vcpu.guest
+    probe = _probe_cpu(guest)
+    hw_probe = _probe_cpu(vcpu.hw)
+    # SMEP and SMAP are paging features: without guest paging they do not apply
+    g_wp = bool(guest.cr0 & CR0_WP)
+    g_smep, g_smap = (bool(guest.cr4 & CR4_SMEP), bool(guest.cr4 & CR4_SMAP)) if guest.paging else (False, False)
+    hw = vcpu.hw
+    h_wp, h_smep, h_smap = bool(hw.cr0 & CR0_WP), bool(hw.cr4 & CR4_SMEP), bool(hw.cr4 & CR4_SMAP)
     if st.glevels >= 4:
         tops = [(st.roots[0], st.glevels, 0)]
     else:
@@ -112,15 +132,22 @@ def _audit_roots(mmu, vcpu) -> None:
                 raise AuditError(f"{where}: guest maps gpa {t.paddr:#x}, spte maps another frame")
             if not gleaf & PTE_A:
                 raise AuditError(f"{where}: guest pte has A=0, an access would not set it")
-            if spte & SPTE_U and not t.user:
-                raise AuditError(f"{where}: user-accessible, the guest's page is supervisor-only")
-            if not spte & SPTE_NX and not t.executable:
-                raise AuditError(f"{where}: executable, the guest's page is not")
-            if spte & SPTE_W:
-                if not gleaf & PTE_D:
-                    raise AuditError(f"{where}: writable while the guest pte is clean")
-                if not t.writable and (wp or spte & SPTE_U):
-                    raise AuditError(f"{where}: writable beyond the guest's rights")
+            if spte & SPTE_W and not gleaf & PTE_D:
+                raise AuditError(f"{where}: writable while the guest pte is clean")
+            # what the hardware grants through the shadow path must be a subset of what
+            # the guest's own translation grants, for every access, under each side's
+            # CR0.WP/SMEP/SMAP (this is where the CR0.WP=0 trick must stay honest)
+            try:
+                h = translate(mmu.host, hw_probe, va, 0, set_ad=False)
+            except PageFault:
+                continue               # the hardware faults on every access: it grants nothing
+            g_rights, h_rights = _rights(t), _rights(h)
+            for name, col in _ACCESS_COLUMNS:
+                if not permission_faults(h_rights, col, wp=h_wp, smep=h_smep, smap=h_smap) and \
+                        permission_faults(g_rights, col, wp=g_wp, smep=g_smep, smap=g_smap):
+                    raise AuditError(f"{where}: the hardware allows a {name} that the guest's tables forbid")
+            if guest.pk_active and h.user and h.pkey != t.pkey:
+                raise AuditError(f"{where}: protection key {h.pkey}, the guest's pte has key {t.pkey}")
 
 
 def _audit_tlb(mmu, vcpu) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from ..x86.bits import (
-    ACC_USER, ACC_WRITE, CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_SMAP,
+    ACC_USER, ACC_WRITE, CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PSE, CR4_SMAP,
     CR4_SMEP, EFER_LME, EFER_NXE, PTE_A, PTE_D, PTE_P, PTE_PKEY_MASK,
 )
 from ..x86.faults import PageFault
@@ -246,9 +246,11 @@ class ShadowMMU:
     def _base_role(self, vcpu) -> Role:
         g = vcpu.guest
         wp = bool(g.cr0 & CR0_WP)
-        return Role(level=0, glevels=GUEST_LEVELS[g.mode], nxe=bool(g.efer & EFER_NXE), cr0_wp=wp,
+        glevels = GUEST_LEVELS[g.mode]
+        return Role(level=0, glevels=glevels, nxe=bool(g.efer & EFER_NXE), cr0_wp=wp,
                     smep_andnot_wp=bool(g.cr4 & CR4_SMEP) and not wp,
-                    smap_andnot_wp=bool(g.cr4 & CR4_SMAP) and not wp)
+                    smap_andnot_wp=bool(g.cr4 & CR4_SMAP) and not wp,
+                    pse=glevels == 2 and bool(g.cr4 & CR4_PSE))
 
     def reset_context(self, vcpu) -> None:
         """Paging mode, CR0.WP, EFER.NXE or CR4 bits changed: new roots of the new role."""
@@ -299,13 +301,19 @@ class ShadowMMU:
                 sp.root_count += 1
         st.roots = roots
         vcpu.mmu_roots_invalid = False
+        # a new root write-protects its guest table: another vCPU's TLB may still
+        # hold a writable translation of it (its stores would skip pte_write)
+        self.flush_tlbs()
         self._load_hw(vcpu)
 
     def _load_hw(self, vcpu) -> None:
         """Program the hardware: always paging, CR0.WP=1 (WP=0 is emulated), 64-bit
         ptes; the guest's SMEP/SMAP/PKE pass through, with the guest's CPL, AC, PKRU."""
         g, st, hw = vcpu.guest, vcpu.mmu_state, vcpu.hw
-        cr4 = CR4_PAE | (g.cr4 & (CR4_SMEP | CR4_SMAP | CR4_PKE))
+        # SMEP/SMAP/PKE apply only with guest paging; without it the identity map's
+        # sptes are user pages, which the hardware must not hold against the guest
+        # (KVM's vmx_set_cr4 clears them while the guest's CR0.PG is 0)
+        cr4 = CR4_PAE | (g.cr4 & (CR4_SMEP | CR4_SMAP | CR4_PKE) if st.glevels else 0)
         if st.glevels >= 4:
             if st.glevels == 5:
                 cr4 |= CR4_LA57
@@ -336,16 +344,28 @@ class ShadowMMU:
             # walk_guest: the x86 walker on guest-physical memory, setting guest A/D as hardware would
             walk = translate(self.gmem, vcpu.guest, vaddr, access)
         except PageFault as pf:
+            if self.dirty_logging:
+                self._log_walked_tables(pf.entries)
             st.last_pt_write_count = 0     # a real guest fault is not a fork storm
             if self.tlb_flush_needed:
                 self.flush_tlbs()
             return INJECTED, pf
+        if self.dirty_logging:
+            self._log_walked_tables(walk.entries)
         result = self.fetch(vcpu, vaddr, access, walk)
         if result[0] != EMULATE or result[1] >> 12 not in self.shadowed:
             st.last_pt_write_count = 0     # only consecutive page-table writes count
         if self.tlb_flush_needed:
             self.flush_tlbs()
         return result
+
+    def _log_walked_tables(self, entries) -> None:
+        """The guest walk may have set A/D bits in the tables it passed: those are
+        writes to guest memory on the guest's behalf, so the dirty log must show
+        them (the seed's walker calls mark_page_dirty when it sets A).  Every table
+        walked is logged; logging a frame that did not change is allowed."""
+        for _, addr, _ in entries:
+            self.mark_dirty(addr >> 12)
 
     def fetch(self, vcpu, vaddr: int, access: int, walk):
         """Build the shadow path for a successful guest walk and install the leaf."""
@@ -586,6 +606,12 @@ class ShadowMMU:
         for gfn in [g for g in self.rmap if slot.contains(g)]:
             self.rmap_write_protect(gfn)
         self.flush_tlbs()
+
+    def disable_dirty_log(self, slot) -> None:
+        """Stop logging the slot.  Sptes write-protected for logging stay so until
+        the guest's next write to them faults (a harmless extra exit)."""
+        slot.dirty_bitmap = None
+        self.dirty_logging = any(s.dirty_bitmap is not None for s in self.gmem.slots)
 
     def get_dirty_log(self, slot) -> list[int]:
         """Dirty gfns since the last call; clears the log and write-protects them again."""

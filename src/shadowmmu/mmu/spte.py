@@ -60,6 +60,8 @@ class Role(NamedTuple):
       (``ACC_DIRTY``): its sptes are writable only then.
     - ``nxe``, ``cr0_wp``, ``smep_andnot_wp``, ``smap_andnot_wp``: guest state the
       sptes depend on (the last two matter only for CR0.WP=0 supervisor-write sptes).
+    - ``pse``: CR4.PSE of a 32-bit guest (a PDE with PS is a 4 MB page or a table
+      pointer depending on it; two vCPUs may differ).  False for other formats.
     """
     level: int
     glevels: int
@@ -70,13 +72,14 @@ class Role(NamedTuple):
     cr0_wp: bool = True
     smep_andnot_wp: bool = False
     smap_andnot_wp: bool = False
+    pse: bool = False
 
     def describe(self) -> str:
         kind = "direct" if self.direct else f"g{self.glevels}"
         acc = "".join(c if self.access & b else "-" for c, b in (("W", ACC_W), ("U", ACC_U), ("X", ACC_X)))
         if self.direct and self.access & ACC_DIRTY:
             acc += "D"
-        return f"L{self.level} {kind} q{self.quadrant} {acc}{'' if self.cr0_wp else ' wp0'}"
+        return f"L{self.level} {kind} q{self.quadrant} {acc}{'' if self.cr0_wp else ' wp0'}{' pse' if self.pse else ''}"
 
 
 def gpte_access(gpte: int, wide: bool, nxe: bool) -> int:

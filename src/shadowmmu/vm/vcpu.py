@@ -383,8 +383,6 @@ class VCpu:
                 self.tlb.flush()
             return
         mmu = self.vm.mmu
-        if d_cr4 & CR4_PSE:
-            mmu.zap_all()            # 32-bit PDEs mean something else now
         role_bits = (d_cr0 & (CR0_PG | 0x10000) or d_cr4 & (CR4_PAE | CR4_LA57 | CR4_SMEP | CR4_SMAP | CR4_PKE
                                                           | CR4_PSE) or d_efer)
         if role_bits or self.guest.pdptes != old_pdptes:
