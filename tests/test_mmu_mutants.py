@@ -7,7 +7,7 @@ stays well under ten seconds."""
 
 import pytest
 
-from shadowmmu.vm.lockstep import GUESTS, Lockstep, RandomChooser, generate_op
+from shadowmmu.vm.lockstep import GUESTS, Lockstep, RandomChooser, generate_program
 
 FORMATS = ("32", "pae", "64", "la57")
 
@@ -18,8 +18,7 @@ def test_a_short_seeded_program_runs_identically_native_and_shadowed_under_recla
     """The lockstep checker (native vs shadow, audit after every step) on one seeded
     program per format and policy, with the smallest pool so LRU reclaim runs often."""
     mode = GUESTS[guest]
-    ch = RandomChooser(7)
-    program = [generate_op(ch, mode) for _ in range(120)]
+    program = generate_program(RandomChooser(7), mode, 100)
     ls = Lockstep(mode, policy, pool_pages=16)
     d = ls.run(program)
     assert d is None, str(d)
