@@ -447,3 +447,172 @@ def test_pkru_access_disable_denies_user_reads_and_write_disable_only_writes():
                 with pytest.raises(PageFault) as e:
                     translate(tb.mem, cpu, va, access)
                 assert e.value.error_code == P | access | 0x20          # P, W/U as accessed, PK
+
+
+# ---------------------------------------------------------------------------
+# The page role: guest state the sptes depend on keeps cached pages apart
+
+from shadowmmu.mmu import MMUError  # noqa: E402
+from shadowmmu.x86.bits import CR0_WP, CR4_SMAP, CR4_SMEP, EFER_NXE  # noqa: E402
+
+
+def read_only_user_page(guest="64"):
+    """A booted guest with a read-only, dirty user page at va; the guest's fault handler
+    removed so a fault reaches the test; CPL0."""
+    vm, g, v = shadowed(guest)
+    va = USER_BASE + 12 * 4096
+    v.store(g.pte_addr(va), (g.alloc() << 12) | P | U | A | D, 8 if guest != "32" else 4)
+    v.set_fault_handler(None)
+    return vm, g, v, va
+
+
+def fault_code(fn, *args):
+    with pytest.raises(PageFault) as e:
+        fn(*args)
+    return e.value.error_code
+
+
+def test_sptes_made_under_cr0_wp0_are_not_reused_after_wp_is_set_again():
+    """CR0.WP=0: a supervisor write to a read-only user page succeeds (the spte is made
+    writable, supervisor-only).  Back to WP=1 the same write must fault."""
+    vm, g, v, va = read_only_user_page()
+    cr0 = v.guest.cr0
+    v.write_cr0(cr0 & ~CR0_WP)
+    v.store(va, 0x77, 8)
+    v.set_cpl(3)
+    assert v.load(va, 8) == 0x77                       # the page is still the user's
+    assert fault_code(v.store, va, 1, 8) == P | W | U
+    v.set_cpl(0)
+    v.write_cr0(cr0)
+    assert fault_code(v.store, va, 1, 8) == P | W
+    assert v.load(va, 8) == 0x77
+    vm.audit()
+
+
+def test_a_wp0_supervisor_write_keeps_the_page_executable_unless_smep():
+    """Without SMEP the supervisor-writable spte keeps X: a later supervisor fetch does
+    not exit.  With SMEP a supervisor fetch from the (user) page must still fault."""
+    for smep in (False, True):
+        vm, g, v, va = read_only_user_page()
+        if smep:
+            v.write_cr4(v.guest.cr4 | CR4_SMEP)
+        v.write_cr0(v.guest.cr0 & ~CR0_WP)
+        v.store(va, 0x90, 8)
+        exits = vm.events.total_exits
+        if smep:
+            assert fault_code(v.fetch, va) == P | 0x10      # P, I/D
+        else:
+            assert v.fetch(va) == 0x90
+            assert vm.events.total_exits == exits
+        vm.audit()
+
+
+def test_sptes_made_under_wp0_without_smap_are_not_reused_once_smap_is_on():
+    vm, g, v, va = read_only_user_page()
+    v.write_cr0(v.guest.cr0 & ~CR0_WP)
+    v.store(va, 0x55, 8)                               # supervisor-writable, supervisor-only spte
+    v.write_cr4(v.guest.cr4 | CR4_SMAP)
+    assert fault_code(v.load, va, 8) == P              # SMAP: a supervisor read of a user page
+    v.set_ac(True)
+    assert v.load(va, 8) == 0x55
+    vm.audit()
+
+
+def test_sptes_made_with_nxe_are_not_reused_after_nxe_is_cleared():
+    """With EFER.NXE=0 bit 63 of a pte is reserved: the access must take a RSVD fault."""
+    vm, g, v = shadowed()
+    va = USER_BASE + 13 * 4096
+    v.store(g.pte_addr(va), (g.alloc() << 12) | P | W | U | A | D | NX, 8)
+    v.set_cpl(3)
+    assert v.load(va, 8) == 0
+    v.set_cpl(0)
+    v.set_fault_handler(None)
+    v.write_efer(v.guest.efer & ~EFER_NXE)
+    v.set_cpl(3)
+    assert fault_code(v.load, va, 8) == P | U | 8      # P, U, RSVD
+    vm.audit()
+
+
+# ---------------------------------------------------------------------------
+# Roots, reclaim, the pool
+
+
+def test_a_pae_guest_has_a_root_for_each_present_pdpte_only_and_write_protects_them():
+    vm, g, v = shadowed("pae", tracing=True)
+    roots = v.mmu_state.roots
+    pdptes = v.guest.pdptes
+    assert [r is not None for r in roots] == [bool(p & P) for p in pdptes] == [True, True, False, False]
+    for r, p in zip(roots, pdptes):
+        if r is not None:
+            assert r.gfn == (p & 0x000FFFFFFFFFF000) >> 12 and vm.mmu.is_shadowed(r.gfn)
+            assert r.role.describe() == "L2 g3 q0 WUX"
+    assert vm.mmu.nr_pages == len({id(sp) for sp in vm.mmu.pages.values()})
+    before = vm.events.exits["pte_write"]
+    pd = roots[1].gfn << 12
+    v.store(pd + 8 * 200, 0, 8)                        # a kernel store to a root table: trapped
+    assert vm.events.exits["pte_write"] == before + 1
+    vm.audit()
+
+
+def test_loading_roots_reclaims_only_down_to_eight_free_frames():
+    vm, g, v = shadowed(pool_pages=16)
+    mmu = vm.mmu
+    v.set_cpl(3)
+    for i in range(1, 6):
+        v.store(USER_BASE + i * (2 << 20), i, 8)       # new page tables until the pool is tight
+    v.set_cpl(0)
+    assert len(mmu.free) < 8
+    while len(mmu.free) < 8:
+        mmu.zap_page(next(sp for sp in mmu.lru if not sp.root_count))
+    reclaimed = mmu.stats["reclaimed"]
+    v.write_cr3(v.guest.cr3)
+    assert mmu.stats["reclaimed"] == reclaimed
+    assert len(mmu.free) == 8
+    mmu.make_room(8)
+    assert mmu.stats["reclaimed"] == reclaimed         # enough already
+    mmu.make_room(10)
+    assert mmu.stats["reclaimed"] == reclaimed + 2 and len(mmu.free) == 10
+    vm.audit()
+
+
+def test_a_pool_whose_every_page_is_a_root_is_a_clear_error():
+    vm, g, v = shadowed(pool_pages=16)
+    mmu = vm.mmu
+    for sp in mmu.pages.values():
+        sp.root_count += 1                             # as if each were some vCPU's root
+    with pytest.raises(MMUError, match="^shadow page pool of 16 pages is too small: every page is a root$"):
+        mmu.make_room(len(mmu.free) + 1)
+    mmu.free.clear()
+    with pytest.raises(MMUError, match=r"^shadow page pool exhausted \(make_room\(\) was not called first\)$"):
+        mmu.get_page(0x3FF, Role(level=1, glevels=4))
+
+
+def test_statistics_count_each_event_once():
+    vm, g, v = shadowed(policy="zap")
+    s = vm.mmu.stats
+    created, flushes = s["pages_created"], s["tlb_flushes"]
+    assert created > 0 and flushes > 0
+    v.set_cpl(3)
+    v.store(USER_BASE + (4 << 20), 1, 8)               # a new 2 MB region: one new page table
+    assert s["pages_created"] == created + 1
+    v.set_cpl(0)
+    pt_addr = g.pte_addr(USER_BASE)
+    v.store(pt_addr + 8 * 30, 0, 8)                    # warm-up: the kernel's spte of the table settles
+    v.store(g.pte_addr(USER_BASE + (4 << 20)) + 8 * 30, 0, 8)  # another table: no flood below
+    flushes = s["tlb_flushes"]
+    v.store(pt_addr, 0, 8)                             # clears a present spte: one flush
+    assert s["tlb_flushes"] == flushes + 1
+    v.store(pt_addr + 8 * 31, 0, 8)                    # clears nothing: no flush
+    assert s["tlb_flushes"] == flushes + 1
+    vm.audit()
+
+
+def test_the_trace_shows_every_spte_change_with_its_index_and_values():
+    vm, g, v = shadowed(policy="zap", tracing=True)
+    pt_addr = g.pte_addr(USER_BASE)
+    old = leaf_spte(vm, USER_BASE)
+    assert old & P
+    vm.events.clear_trace()
+    v.store(pt_addr, 0, 8)
+    lines = notes(vm, "spte")
+    assert f"  spte [0] of shadow page gfn {pt_addr >> 12:#x} (L1 g4 q0 WUX): {old:#x} -> 0x0" in lines
