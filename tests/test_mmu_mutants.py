@@ -616,3 +616,27 @@ def test_the_trace_shows_every_spte_change_with_its_index_and_values():
     v.store(pt_addr, 0, 8)
     lines = notes(vm, "spte")
     assert f"  spte [0] of shadow page gfn {pt_addr >> 12:#x} (L1 g4 q0 WUX): {old:#x} -> 0x0" in lines
+
+
+# ---------------------------------------------------------------------------
+# The walker against the SDM oracle of test_x86_rules.py, on a fixed sample of its
+# matrices (every 211th / 61st / 29th case: strides prime to every loop size there,
+# about 3,500 cases in all).  The full matrices run in `make test`; this sample is
+# what `make mutate` can afford per mutant.
+
+from itertools import islice  # noqa: E402
+
+from test_x86_rules import RIGHTS_PARAMS, check, presence_cases, reserved_cases, rights_cases  # noqa: E402
+from x86_helpers import MODES  # noqa: E402
+
+
+
+@pytest.mark.parametrize("mode,size", RIGHTS_PARAMS, ids=[f"{m}-{s}" for m, s in RIGHTS_PARAMS])
+def test_a_sample_of_the_rights_and_presence_matrices_agrees_with_the_sdm(mode, size):
+    check(f"rights sample {mode} {size}", islice(rights_cases(mode, size), 0, None, 211), tlb=True)
+    check(f"presence sample {mode} {size}", islice(presence_cases(mode, size), 0, None, 61), tlb=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_sample_of_the_reserved_bit_matrix_agrees_with_the_sdm(mode):
+    check(f"reserved sample {mode}", islice(reserved_cases(mode), 0, None, 29))
