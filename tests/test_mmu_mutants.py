@@ -5,35 +5,29 @@ Each test states one rule and checks it exactly: exit counts, error codes, spte
 values, statistics.  The file is part of `make mutate`'s fast selection, so it
 stays well under ten seconds."""
 
+from itertools import islice
+
 import pytest
 
+from shadowmmu.guest.minimal import USER_BASE, MiniGuest
+from shadowmmu.mmu import MMUError
+from shadowmmu.mmu.mmu import ShadowMMU
+from shadowmmu.mmu.spte import ACC_DIRTY, ACC_U, ACC_W, ACC_X, SPTE_NX, Role
+from shadowmmu.vm import VM
 from shadowmmu.vm.lockstep import GUESTS, Lockstep, RandomChooser, generate_program
+from shadowmmu.x86 import CpuState, PageFault
+from shadowmmu.x86.bits import ACC_FETCH, ACC_USER, ACC_WRITE, CR0_WP, CR4_SMAP, CR4_SMEP, EFER_NXE
+from shadowmmu.x86.builder import control_registers
+from shadowmmu.x86.formats import PagingMode
+from shadowmmu.x86.walker import translate
+from test_x86_rules import RIGHTS_PARAMS, check, presence_cases, reserved_cases, rights_cases
+from x86_helpers import BITS32, LEVEL4, MODES, PKEY_SHIFT, Env, Tables
 
 FORMATS = ("32", "pae", "64", "la57")
 
 
-@pytest.mark.parametrize("policy", ("zap", "update"))
-@pytest.mark.parametrize("guest", FORMATS)
-def test_a_short_seeded_program_runs_identically_native_and_shadowed_under_reclaim(guest, policy):
-    """The lockstep checker (native vs shadow, audit after every step) on one seeded
-    program per format and policy, with the smallest pool so LRU reclaim runs often."""
-    mode = GUESTS[guest]
-    program = generate_program(RandomChooser(7), mode, 100)
-    ls = Lockstep(mode, policy, pool_pages=16)
-    d = ls.run(program)
-    assert d is None, str(d)
-    assert ls.shadow.mmu.stats["reclaimed"] > 0
-
-
 # ---------------------------------------------------------------------------
 # Helpers (the patterns of test_mmu_features.py)
-
-from shadowmmu.guest.minimal import USER_BASE, MiniGuest  # noqa: E402
-from shadowmmu.mmu.spte import ACC_DIRTY, ACC_U, ACC_W, ACC_X, SPTE_NX, Role  # noqa: E402
-from shadowmmu.vm import VM  # noqa: E402
-from shadowmmu.x86 import PageFault  # noqa: E402
-from shadowmmu.x86.bits import ACC_WRITE  # noqa: E402
-from shadowmmu.x86.walker import translate  # noqa: E402
 
 P, W, U, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
 NX = 1 << 63
@@ -73,10 +67,7 @@ def test_a_role_describes_itself_level_kind_quadrant_rights_and_wp0():
     assert Role(level=1, glevels=3, direct=True, access=ACC_W | ACC_X | ACC_DIRTY).describe() == "L1 direct q0 W-XD"
     assert Role(level=1, glevels=3, direct=True, access=ACC_U).describe() == "L1 direct q0 -U-"
     # only a direct page records the large page's dirtiness
-    assert Role(level=1, glevels=4, access=ACC_ALL_D).describe() == "L1 g4 q0 WUX"
-
-
-ACC_ALL_D = ACC_W | ACC_U | ACC_X | ACC_DIRTY
+    assert Role(level=1, glevels=4, access=ACC_W | ACC_U | ACC_X | ACC_DIRTY).describe() == "L1 g4 q0 WUX"
 
 
 @pytest.mark.parametrize("policy", ("zap", "update"))
@@ -192,8 +183,6 @@ def test_a_4mb_guest_pde_write_clears_both_2mb_shadow_pdes():
 
 # ---------------------------------------------------------------------------
 # Construction, the pool, statistics
-
-from shadowmmu.mmu.mmu import ShadowMMU  # noqa: E402
 
 
 def test_a_new_shadow_mmu_has_the_documented_defaults_and_zeroed_statistics():
@@ -320,8 +309,6 @@ def test_reading_the_dirty_log_of_a_slot_that_does_not_log_is_a_clear_error():
 def test_update_accepts_the_pat_bit_of_a_five_level_guests_pte():
     """Bit 7 of a 4 KB pte is PAT, not reserved; the reserved mask update_pte checks is
     the level-1 one (a PML4E's includes bit 7)."""
-    from shadowmmu.x86.builder import control_registers
-    from shadowmmu.x86.formats import PagingMode
     vm = VM(16 << 20, pte_write="update")
     v = vm.vcpu
     for lvl in range(4):                              # PML5 0x100 -> ... -> PT 0x104
@@ -381,8 +368,6 @@ def test_a_user_write_to_a_table_of_its_own_walk_is_emulated_and_stays_shadowed(
 
 
 def test_a_user_write_to_another_vcpus_root_table_is_emulated_and_it_stays_shadowed():
-    from shadowmmu.x86.builder import control_registers
-    from shadowmmu.x86.formats import PagingMode
     vm = VM(16 << 20, nr_vcpus=2, pte_write="update")
     g = MiniGuest(vm, "64")
     v0, v1 = vm.vcpus
@@ -406,10 +391,6 @@ def test_a_user_write_to_another_vcpus_root_table_is_emulated_and_it_stays_shado
 
 # ---------------------------------------------------------------------------
 # The walker: argument errors, 32-bit address range, protection keys
-
-from shadowmmu.x86 import CpuState  # noqa: E402
-from shadowmmu.x86.bits import ACC_FETCH, ACC_USER  # noqa: E402
-from x86_helpers import BITS32, LEVEL4, PKEY_SHIFT, Env, Tables  # noqa: E402
 
 
 def test_translate_rejects_an_invalid_access_with_a_clear_error():
@@ -451,9 +432,6 @@ def test_pkru_access_disable_denies_user_reads_and_write_disable_only_writes():
 
 # ---------------------------------------------------------------------------
 # The page role: guest state the sptes depend on keeps cached pages apart
-
-from shadowmmu.mmu import MMUError  # noqa: E402
-from shadowmmu.x86.bits import CR0_WP, CR4_SMAP, CR4_SMEP, EFER_NXE  # noqa: E402
 
 
 def read_only_user_page(guest="64"):
@@ -624,12 +602,6 @@ def test_the_trace_shows_every_spte_change_with_its_index_and_values():
 # about 3,500 cases in all).  The full matrices run in `make test`; this sample is
 # what `make mutate` can afford per mutant.
 
-from itertools import islice  # noqa: E402
-
-from test_x86_rules import RIGHTS_PARAMS, check, presence_cases, reserved_cases, rights_cases  # noqa: E402
-from x86_helpers import MODES  # noqa: E402
-
-
 
 @pytest.mark.parametrize("mode,size", RIGHTS_PARAMS, ids=[f"{m}-{s}" for m, s in RIGHTS_PARAMS])
 def test_a_sample_of_the_rights_and_presence_matrices_agrees_with_the_sdm(mode, size):
@@ -640,3 +612,20 @@ def test_a_sample_of_the_rights_and_presence_matrices_agrees_with_the_sdm(mode, 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_sample_of_the_reserved_bit_matrix_agrees_with_the_sdm(mode):
     check(f"reserved sample {mode}", islice(reserved_cases(mode), 0, None, 29))
+
+
+# ---------------------------------------------------------------------------
+# Last (the slowest): the lockstep checker on short seeded programs
+
+
+@pytest.mark.parametrize("policy", ("zap", "update"))
+@pytest.mark.parametrize("guest", FORMATS)
+def test_a_short_seeded_program_runs_identically_native_and_shadowed_under_reclaim(guest, policy):
+    """The lockstep checker (native vs shadow, audit after every step) on one seeded
+    program per format and policy, with the smallest pool so LRU reclaim runs often."""
+    mode = GUESTS[guest]
+    program = generate_program(RandomChooser(7), mode, 100)
+    ls = Lockstep(mode, policy, pool_pages=16)
+    d = ls.run(program)
+    assert d is None, str(d)
+    assert ls.shadow.mmu.stats["reclaimed"] > 0
