@@ -390,6 +390,107 @@ def test_a_user_write_to_another_vcpus_root_table_is_emulated_and_it_stays_shado
 
 
 # ---------------------------------------------------------------------------
+# Roots and the fault path
+
+
+def test_without_paging_four_direct_roots_map_the_four_gigabytes():
+    """Paging off: one direct level-2 root per GB (KVM's nonpaging roots), each keyed
+    by the first frame it maps; accesses in different GBs never share a root entry."""
+    vm = VM(2 << 30, tracing=True)
+    assert notes(vm, "shadow page created")[:4] == [
+        f"  shadow page created: gfn {gb << 18:#x} L2 direct q0 WUX wp0" for gb in range(4)]   # reset: WP=0
+    v = vm.vcpu
+    v.store(0x1000, 0x11, 8)
+    v.store(0x4000_1000, 0x22, 8)                      # the same root index in the next GB
+    assert (v.load(0x1000, 8), v.load(0x4000_1000, 8)) == (0x11, 0x22)
+    assert not any(vm.mmu.is_shadowed(gb << 18) for gb in range(4))
+    vm.audit()
+
+
+def test_two_vcpus_on_one_cr3_share_a_root_counted_twice():
+    vm = VM(16 << 20, nr_vcpus=2)
+    g = MiniGuest(vm, "64")
+    v0, v1 = vm.vcpus
+    v1.setup_paging(**control_registers(PagingMode.LEVEL4, g.root << 12, nxe=True))
+    root = v0.mmu_state.roots[0]
+    assert v1.mmu_state.roots[0] is root and root.root_count == 2
+    assert not v0.mmu_roots_invalid and not v1.mmu_roots_invalid
+    v1.setup_paging(**control_registers(PagingMode.LEVEL4, g.alloc() << 12, nxe=True))
+    assert root.root_count == 1
+    vm.mmu.make_room(vm.mmu.pool_size - 2)             # reclaim everything reclaimable
+    assert not root.zapped and vm.mmu.by_hpfn[root.hpfn] is root
+    v0.set_cpl(3)
+    v0.store(USER_BASE, 5, 8)
+    assert v0.load(USER_BASE, 8) == 5
+    vm.audit()
+
+
+def test_a_fault_reclaims_only_below_six_free_frames():
+    vm, g, v = shadowed(pool_pages=16)
+    mmu = vm.mmu
+    v.set_cpl(3)
+    for i in range(1, 6):
+        v.store(USER_BASE + i * (2 << 20), i, 8)
+    while len(mmu.free) < 6:
+        mmu.zap_page(next(sp for sp in mmu.lru if not sp.root_count))
+    assert len(mmu.free) == 6
+    reclaimed = mmu.stats["reclaimed"]
+    assert v.load(USER_BASE, 8) == 1                   # refaults (its table was zapped): no reclaim
+    assert mmu.stats["reclaimed"] == reclaimed
+    vm.audit()
+
+
+def test_a_handled_fault_restarts_the_flood_count_at_zero():
+    vm, g, v = shadowed(policy="zap")
+    pt_addr = g.pte_addr(USER_BASE)
+    v.set_cpl(3)
+    v.load(USER_BASE + 40 * 4096, 8)                   # demand fault: the handler writes a pte (zap),
+    v.set_cpl(0)                                       # the access refaults and is fixed: count 0
+    v.store(pt_addr + 8 * 10, 0, 8)
+    v.store(pt_addr + 8 * 11, 0, 8)                    # two in a row: not a flood yet
+    assert vm.mmu.is_shadowed(pt_addr >> 12) and vm.mmu.stats["flooded"] == 0
+    vm.audit()
+
+
+def test_nx_in_a_pae_page_directory_entry_forbids_fetches_below_it():
+    vm, g, v = shadowed("pae")
+    va = USER_BASE + (6 << 20)
+    v.set_cpl(3)
+    v.store(va, 0xC3, 8)                               # a new page table, under a new PDE
+    v.set_cpl(0)
+    t = translate(vm.gmem, v.guest, va, 0, set_ad=False)
+    _, pde_addr, pde = t.entries[1]
+    v.store(pde_addr, pde | NX, 8)
+    v.set_fault_handler(None)
+    v.set_cpl(3)
+    assert v.load(va, 8) == 0xC3
+    assert fault_code(v.fetch, va) == P | U | 0x10
+    vm.audit()
+
+
+def test_update_installs_a_pte_with_the_rights_of_the_entries_above_not_of_another_pte():
+    """The shadow page of a table carries the rights of the entries above it only: a
+    read-only pte that was faulted in first does not make the next pte read-only."""
+    vm, g, v = shadowed()
+    va0, va2 = USER_BASE + (8 << 20), USER_BASE + (8 << 20) + 2 * 4096
+    v.store(g.pte_addr(va0), (g.alloc() << 12) | P | U | A | D, 8)   # read-only
+    v.set_cpl(3)
+    v.load(va0, 8)                                     # shadows the table through the read-only pte
+    v.set_cpl(0)
+    v.store(g.pte_addr(va2), (g.alloc() << 12) | P | W | U | A | D, 8)
+    spte = leaf_spte(vm, va2)
+    assert spte & (P | W | U) == P | W | U, hex(spte)
+    vm.audit()
+
+
+def test_a_pae_walk_through_a_pdpte_with_no_shadow_root_is_a_clear_internal_error():
+    vm, g, v = shadowed("pae")
+    v.mmu_state.roots[1] = None                        # break the invariant on purpose
+    with pytest.raises(MMUError, match="^guest walk succeeded through a PDPTE that has no shadow root$"):
+        vm.mmu.page_fault(v, USER_BASE, 0)
+
+
+# ---------------------------------------------------------------------------
 # The walker: argument errors, 32-bit address range, protection keys
 
 
