@@ -182,18 +182,28 @@ def cmd_selfcheck(args) -> int:
     return status or (1 if failed else 0)
 
 
-def _lockstep_engine(args):
-    """The engine --jobs/--engine/--scheduler ask for (campaigns.CampaignError if it cannot start)."""
+def _lockstep_jobs(args) -> int:
     import os
-    from .vm import campaigns
     jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
     if args.scheduler is not None and args.engine != "dask":
         raise UsageError("--scheduler needs --engine dask")
+    return jobs
+
+
+def _lockstep_engine(args, jobs: int, chunks: int):
+    """The engine --jobs/--engine/--scheduler ask for, no bigger than the ``chunks`` to run
+    (campaigns.CampaignError if it cannot start)."""
+    from .vm import campaigns
     if args.engine == "dask":
-        return campaigns.DaskEngine.connect(args.scheduler, jobs)
-    return campaigns.InlineEngine() if jobs == 1 else campaigns.PoolEngine(jobs)
+        return campaigns.DaskEngine.connect(args.scheduler, max(1, min(jobs, chunks)))
+    return campaigns.InlineEngine() if min(jobs, chunks) <= 1 else campaigns.PoolEngine(min(jobs, chunks))
+
+
+def _steps_per_cpu_second(report) -> float | None:
+    cpu = sum(j.cpu_seconds for j in report.jobs)
+    return sum(j.steps for j in report.jobs) / cpu if cpu > 0 else None
 
 
 def _lockstep_campaign(args, console):
@@ -216,9 +226,11 @@ def _lockstep_campaign(args, console):
     params = campaigns.Params(tuple([args.guest] if args.guest else GUESTS),
                               tuple([args.policy] if args.policy else ("zap", "update")),
                               args.steps, args.seed, chunk_steps, tuple(sorted(options.items())))
+    jobs = _lockstep_jobs(args)
     try:
         state = campaigns.StateFile(args.state, params) if args.state else None
-        engine = _lockstep_engine(args)
+        todo = sum(1 for c in params.chunks() if state is None or c.key not in state.done)
+        engine = _lockstep_engine(args, jobs, todo)
     except campaigns.CampaignError as e:
         raise UsageError(str(e)) from None
     progress = Progress(TextColumn("lockstep"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} steps"),
@@ -234,6 +246,8 @@ def _lockstep_campaign(args, console):
         with progress:
             report = campaigns.run(params, engine, state=state, on_start=on_start,
                                    advance=lambda k: progress.advance(task, k))
+    except campaigns.CampaignError as e:         # e.g. the state file became unwritable
+        raise UsageError(str(e)) from None
     finally:
         engine.close()
 
@@ -244,7 +258,9 @@ def _lockstep_campaign(args, console):
                       f"rate of one worker. This run: {report.steps_this_run:,} steps in {report.elapsed:.1f} s "
                       f"on {report.engine}"
                       + (f" = {report.steps_this_run / report.elapsed:,.0f} steps/s overall"
-                         if report.elapsed > 0 and report.steps_this_run else ""))
+                         if report.elapsed > 0 and report.steps_this_run else "")
+                      + (f"; {cpu_rate:,.0f} steps per worker CPU second (the rate without other load)"
+                         if (cpu_rate := _steps_per_cpu_second(report)) else ""))
     for col in ("guest", "policy", "steps", "chunks", "divergences", "wall time", "steps/s", "seed range"):
         t.add_column(col, justify="left" if col in ("guest", "policy") else "right")
     for j in report.jobs:

@@ -105,6 +105,8 @@ class ChunkResult:
     steps_run: int
     seconds: float                  # wall time of the chunk in its worker
     divergence: Divergence | None = None
+    cpu_seconds: float = 0.0        # CPU time of the worker process on the chunk: on a shared machine,
+                                    # steps per CPU second is the rate that does not depend on the load
     stopped: bool = False           # ended early by a stop request: not a finished chunk
     worker: str = ""
 
@@ -113,7 +115,7 @@ class ChunkResult:
         c = self.chunk
         return {"record": "chunk", "guest": c.guest, "policy": c.policy, "chunk": c.index, "seed": c.seed,
                 "steps": c.steps, "steps_run": self.steps_run, "seconds": round(self.seconds, 3),
-                "result": "pass" if d is None else "divergence",
+                "cpu_seconds": round(self.cpu_seconds, 3), "result": "pass" if d is None else "divergence",
                 "divergence": None if d is None else {"step": d.step, "op": str(d.op), "what": d.what},
                 "worker": self.worker}
 
@@ -132,13 +134,13 @@ def run_chunk(chunk: Chunk, advance=None, should_stop=None) -> ChunkResult:
             raise _Stopped
 
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         d, n = campaign(GUESTS[chunk.guest], chunk.policy, steps=chunk.steps, seed=chunk.seed,
                         progress=progress, **dict(chunk.options))
     except _Stopped:
         return ChunkResult(chunk, 0, time.perf_counter() - t0, stopped=True, worker=worker)
-    return ChunkResult(chunk, n, time.perf_counter() - t0, d, worker=worker)
+    return ChunkResult(chunk, n, time.perf_counter() - t0, d, time.process_time() - c0, worker=worker)
 
 
 # ------------------------------------------------------------------ engines
@@ -422,6 +424,7 @@ class JobSummary:
     resumed_chunks: int = 0         # of which taken from the state file
     divergences: int = 0
     seconds: float = 0.0            # sum of the chunks' wall times in their workers
+    cpu_seconds: float = 0.0        # sum of the chunks' CPU times in their workers
     seeds: list = field(default_factory=list)
 
     @property
@@ -440,6 +443,8 @@ class JobSummary:
                 "steps_planned": self.steps_planned, "chunks": self.chunks, "chunks_planned": self.chunks_planned,
                 "resumed_chunks": self.resumed_chunks, "divergences": self.divergences,
                 "chunk_seconds": round(self.seconds, 3), "steps_per_s": self.steps_per_s,
+                "chunk_cpu_seconds": round(self.cpu_seconds, 3),
+                "steps_per_cpu_s": self.steps / self.cpu_seconds if self.cpu_seconds > 0 else None,
                 "seed_range": self.seed_range}
 
 
@@ -498,6 +503,7 @@ def run(params: Params, engine, *, state: StateFile | None = None, advance=None,
             j.chunks += 1
             j.resumed_chunks += 1
             j.seconds += rec["seconds"]
+            j.cpu_seconds += rec.get("cpu_seconds", 0.0)
             j.seeds.append(c.seed)
     todo = [c for c in chunks if c.key not in done]
     if on_start is not None:
@@ -514,6 +520,7 @@ def run(params: Params, engine, *, state: StateFile | None = None, advance=None,
             j.steps += r.steps_run
             j.chunks += 1
             j.seconds += r.seconds
+            j.cpu_seconds += r.cpu_seconds
             j.seeds.append(r.chunk.seed)
             report.steps_this_run += r.steps_run
             if r.divergence is not None:
