@@ -214,3 +214,15 @@ def test_cli_bad_campaign_arguments_are_one_clear_line(tmp_path, capsys, extra, 
 def test_cli_campaign_flags_without_lockstep_are_refused(capsys):
     assert main(["selfcheck", "--cases", "5", "--jobs", "2"]) == 2
     assert "--jobs applies to --lockstep campaigns" in capsys.readouterr().err
+
+
+def test_cli_runs_on_a_dask_scheduler_given_by_address(capsys):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        assert main(["selfcheck", "--lockstep", "--steps", "60", "--chunk-steps", "30", "--guest", "32",
+                     "--policy", "zap", "--engine", "dask", "--scheduler", cluster.scheduler_address,
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["lockstep"]
+    assert out["engine"].startswith(f"dask at {cluster.scheduler_address}")
+    assert out["steps_this_run"] == 60 and out["jobs"][0]["chunks"] == 2 and out["divergence"] is None
