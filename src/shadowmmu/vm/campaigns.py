@@ -265,8 +265,15 @@ class DaskEngine:
                                 "pip install 'shadowmmu[cluster]'") from None
         if scheduler is None:
             import logging
-            cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=logging.ERROR)
+            import signal
+            # the worker processes inherit an ignored SIGINT (it survives exec): Ctrl-C is
+            # the parent's to handle, which cancels the tasks and closes the cluster
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=logging.ERROR)
+            finally:
+                signal.signal(signal.SIGINT, previous)
             return cls(Client(cluster), cluster)
         try:
             client = Client(scheduler, timeout="10s")
