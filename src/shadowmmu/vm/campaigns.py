@@ -543,35 +543,7 @@ def run(params: Params, engine, *, state: StateFile | None = None, advance=None,
     if report.first is not None:
         c = report.first.chunk
         t1 = time.perf_counter()
-        report.shrunk = shrink_fast(report.first.divergence, c.guest, c.policy,
-                                    seed_bug=dict(c.options).get("seed_bug", False))
+        report.shrunk = shrink(report.first.divergence, GUESTS[c.guest], c.policy,
+                               seed_bug=dict(c.options).get("seed_bug", False))
         report.shrink_seconds = time.perf_counter() - t1
     return report
-
-
-# ------------------------------------------------------------------ shrinking
-def shrink_fast(d: Divergence, guest: str, policy: str, *, seed_bug: bool = False) -> Divergence:
-    """``lockstep.shrink`` after a delta-debugging pass.  The greedy shrinker reruns the
-    program once per op it tries to drop (quadratic in steps: ~15 s for a 100-op prefix
-    at ~350 lockstep steps/s); dropping halves, then quarters, ... first leaves it a
-    short program to finish on."""
-    mode = GUESTS[guest]
-    try:
-        from .lockstep import run_program
-    except ImportError:          # the lockstep module changed: the greedy shrinker alone
-        return shrink(d, mode, policy, seed_bug=seed_bug)
-    program = list(d.program[:d.step + 1])
-    parts = 2
-    while len(program) >= 2 and parts < len(program):
-        size = math.ceil(len(program) / parts)
-        for start in range(0, len(program), size):
-            candidate = program[:start] + program[start + size:]
-            dd = run_program(candidate, mode, policy, seed_bug=seed_bug)
-            if dd is not None:
-                program = candidate[:dd.step + 1]
-                parts = max(parts - 1, 2)
-                break
-        else:
-            parts *= 2
-    dd = run_program(program, mode, policy, seed_bug=seed_bug)
-    return shrink(dd if dd is not None else d, mode, policy, seed_bug=seed_bug)
