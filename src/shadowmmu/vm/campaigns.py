@@ -105,8 +105,9 @@ class ChunkResult:
     steps_run: int
     seconds: float                  # wall time of the chunk in its worker
     divergence: Divergence | None = None
-    cpu_seconds: float = 0.0        # CPU time of the worker process on the chunk: on a shared machine,
-                                    # steps per CPU second is the rate that does not depend on the load
+    cpu_seconds: float = 0.0        # CPU time of the thread that ran the chunk (a dask worker may have
+                                    # several): on a shared machine, steps per CPU second is the rate
+                                    # that does not depend on the load
     stopped: bool = False           # ended early by a stop request: not a finished chunk
     worker: str = ""
 
@@ -134,13 +135,13 @@ def run_chunk(chunk: Chunk, advance=None, should_stop=None) -> ChunkResult:
             raise _Stopped
 
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), time.thread_time()
     try:
         d, n = campaign(GUESTS[chunk.guest], chunk.policy, steps=chunk.steps, seed=chunk.seed,
                         progress=progress, **dict(chunk.options))
     except _Stopped:
         return ChunkResult(chunk, 0, time.perf_counter() - t0, stopped=True, worker=worker)
-    return ChunkResult(chunk, n, time.perf_counter() - t0, d, time.process_time() - c0, worker=worker)
+    return ChunkResult(chunk, n, time.perf_counter() - t0, d, time.thread_time() - c0, worker=worker)
 
 
 # ------------------------------------------------------------------ engines
@@ -283,8 +284,8 @@ class DaskEngine:
 
     def run(self, chunks, advance):
         from distributed import as_completed
-        # pure=False: a chunk is cheap to describe but its result must not be
-        # shared with an equal-looking task of another campaign run
+        # pure=False: dask would otherwise name each task after its arguments and could
+        # hand back a result it still holds from an earlier run of the same chunk
         self.futures = self.client.map(run_chunk, list(chunks), pure=False)
         try:
             for f in as_completed(self.futures):
