@@ -116,6 +116,17 @@ _ACCESS_COLUMNS = tuple(
         ("user read", A_U), ("user write", A_U | A_W), ("user fetch", A_U | A_F)))
 
 
+class _Where:
+    """The leaf a message is about, formatted lazily (the audit runs after every step)."""
+    __slots__ = ("spte", "va", "sp")
+
+    def __init__(self, spte, va, sp):
+        self.spte, self.va, self.sp = spte, va, sp
+
+    def __str__(self) -> str:
+        return f"spte {self.spte:#x} for gva {self.va:#x} in {self.sp!r}"
+
+
 def _rights(t) -> int:
     return (R_W if t.writable else 0) | (R_U if t.user else 0) | (R_X if t.executable else 0)
 
@@ -151,7 +162,7 @@ def _audit_roots(mmu, vcpu) -> None:
                 continue
             if va >> (va_bits - 1) & 1 and va_bits > 32:
                 va |= ~((1 << va_bits) - 1) & ((1 << 64) - 1)
-            where = f"spte {spte:#x} for gva {va:#x} in {sp!r}"
+            where = _Where(spte, va, sp)       # formatted only if an invariant breaks
             try:
                 t = translate(mmu.gmem, probe, va, 0, set_ad=False)
             except PageFault as pf:
