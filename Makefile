@@ -3,14 +3,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench mutate clean
+.PHONY: demo test bench reach mutate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,cluster]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -34,6 +34,10 @@ mutate: $(MUTATE_STAMP)
 	rm -rf mutants
 	env -u PYTHONPATH $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS)
 	env -u PYTHONPATH $(VENV)/bin/mutmut results
+
+# branch coverage of mmu/ and x86/ reached by a fixed lockstep campaign (minutes, not part of test)
+reach: $(STAMP)
+	$(PY) -m shadowmmu.vm.reach --steps $(or $(STEPS),2000) --seed $(or $(SEED),7)
 
 bench: $(STAMP)
 	$(VENV)/bin/shadowmmu bench walk

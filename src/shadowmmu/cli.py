@@ -130,34 +130,28 @@ def cmd_bench(args) -> int:
 def cmd_selfcheck(args) -> int:
     """Long verification campaigns: the paging model against QEMU (--cases N), and
     the shadow MMU against native paging in lockstep (--lockstep)."""
+    import json
     from rich.progress import Progress
-    console = _console()
+    if not args.lockstep and args.cases is None:
+        raise UsageError("say what to check: --lockstep and/or --cases N")
     if args.steps <= 0 or (args.cases is not None and args.cases <= 0):
         raise UsageError("--steps and --cases must be positive")
+    if not args.lockstep:
+        for flag, given in (("--jobs", args.jobs is not None), ("--state", args.state is not None),
+                            ("--engine", args.engine != "local"), ("--scheduler", args.scheduler is not None),
+                            ("--chunk-steps", args.chunk_steps is not None)):
+            if given:
+                raise UsageError(f"{flag} applies to --lockstep campaigns")
+    console = _console(args.json)
+    out = {}
     failed = False
+    status = 0
     if args.lockstep:
-        from .vm.lockstep import GUESTS, campaign, shrink
-        guests = [args.guest] if args.guest else list(GUESTS)
-        policies = [args.policy] if args.policy else ["zap", "update"]
-        t = Table(title=f"lockstep: native vs shadow, {args.steps:,} steps each, seed {args.seed}"
-                  + (" (seed's update_pte rights)" if args.seed_bug else ""))
-        for col in ("guest", "policy", "steps", "result"):
-            t.add_column(col)
-        with Progress(console=console, transient=True) as progress:
-            for guest in guests:
-                for policy in policies:
-                    task = progress.add_task(f"{guest} {policy}", total=args.steps)
-                    d, n = campaign(GUESTS[guest], policy, steps=args.steps, seed=args.seed,
-                                    seed_bug=args.seed_bug, progress=lambda k: progress.advance(task, k))
-                    progress.remove_task(task)
-                    t.add_row(guest, policy, f"{n:,}", "[green]no divergence[/]" if d is None
-                              else f"[red]divergence at step {d.step}[/]")
-                    if d is not None:
-                        failed = True
-                        d = shrink(d, GUESTS[guest], policy, seed_bug=args.seed_bug)
-                        console.print(f"{guest} {policy}, shrunk to {d.step + 1} steps:\n{d}",
-                                      markup=False, highlight=False)
-        console.print(t)
+        report = _lockstep_campaign(args, console)
+        out["lockstep"] = report.to_json()
+        failed |= report.failed
+        if report.interrupted:
+            status = 130
     if args.cases is not None:
         try:
             from .x86.differential import selfcheck
@@ -167,6 +161,7 @@ def cmd_selfcheck(args) -> int:
             task = progress.add_task("paging model vs QEMU", total=args.cases)
             result = selfcheck(args.cases, args.seed,
                                progress=lambda done, total: progress.update(task, completed=done))
+        out["qemu"] = result
         mismatches = result.get("mismatches", [])
         t = Table(title=f"paging model vs QEMU's MMU (unicorn): {args.cases:,} random cases, seed {args.seed}, "
                         f"{result.get('seconds', 0):.0f} s")
@@ -182,9 +177,112 @@ def cmd_selfcheck(args) -> int:
         for m in mismatches[:3]:
             console.print(m["report"], markup=False, highlight=False)
         failed |= bool(mismatches)
-    if not args.lockstep and args.cases is None:
-        raise UsageError("say what to check: --lockstep and/or --cases N")
-    return 1 if failed else 0
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    return status or (1 if failed else 0)
+
+
+def _lockstep_jobs(args) -> int:
+    import os
+    jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
+    if jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    if args.scheduler is not None and args.engine != "dask":
+        raise UsageError("--scheduler needs --engine dask")
+    return jobs
+
+
+def _lockstep_engine(args, jobs: int, chunks: int):
+    """The engine --jobs/--engine/--scheduler ask for, no bigger than the ``chunks`` to run
+    (campaigns.CampaignError if it cannot start)."""
+    from .vm import campaigns
+    if args.engine == "dask":
+        return campaigns.DaskEngine.connect(args.scheduler, max(1, min(jobs, chunks)))
+    return campaigns.InlineEngine() if min(jobs, chunks) <= 1 else campaigns.PoolEngine(min(jobs, chunks))
+
+
+def _steps_per_cpu_second(report) -> float | None:
+    cpu = sum(j.cpu_seconds for j in report.jobs)
+    return sum(j.steps for j in report.jobs) / cpu if cpu > 0 else None
+
+
+def _lockstep_campaign(args, console):
+    """--lockstep: the campaign cut into chunks on the chosen engine, a progress bar,
+    the summary table and, at a divergence, its shrunk story and the command that
+    reproduces it."""
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+    from .vm import campaigns
+    from .vm.lockstep import GUESTS
+
+    class StepsPerSecond(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:,.0f} steps/s" if task.speed else "- steps/s")
+
+    chunk_steps = args.chunk_steps if args.chunk_steps is not None else campaigns.DEFAULT_CHUNK_STEPS
+    if chunk_steps <= 0:
+        raise UsageError(f"--chunk-steps must be positive, got {chunk_steps}")
+    options = {"seed_bug": True} if args.seed_bug else {}
+    params = campaigns.Params(tuple([args.guest] if args.guest else GUESTS),
+                              tuple([args.policy] if args.policy else ("zap", "update")),
+                              args.steps, args.seed, chunk_steps, tuple(sorted(options.items())))
+    jobs = _lockstep_jobs(args)
+    try:
+        state = campaigns.StateFile(args.state, params) if args.state else None
+        todo = sum(1 for c in params.chunks() if state is None or c.key not in state.done)
+        engine = _lockstep_engine(args, jobs, todo)
+    except campaigns.CampaignError as e:
+        raise UsageError(str(e)) from None
+    progress = Progress(TextColumn("lockstep"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} steps"),
+                        StepsPerSecond(), TimeRemainingColumn(), console=console, transient=True)
+    task = None
+
+    def on_start(total, done):
+        nonlocal task
+        # rich's speed is measured over advances only: the resumed steps do not inflate it
+        task = progress.add_task("lockstep", total=total, completed=done)
+
+    try:
+        with progress:
+            report = campaigns.run(params, engine, state=state, on_start=on_start,
+                                   advance=lambda k: progress.advance(task, k))
+    except campaigns.CampaignError as e:         # e.g. the state file became unwritable
+        raise UsageError(str(e)) from None
+    finally:
+        engine.close()
+
+    t = Table(title=f"lockstep: native vs shadow, {args.steps:,} steps per guest and policy, base seed {args.seed}"
+                    + (" (seed's update_pte rights)" if args.seed_bug else ""),
+              caption=f"chunks of {chunk_steps:,} steps, chunk k seeded base seed + k; wall time: the sum of the "
+                      "chunks' times in their workers (resumed chunks included); steps/s: steps / that time, the "
+                      f"rate of one worker. This run: {report.steps_this_run:,} steps in {report.elapsed:.1f} s "
+                      f"on {report.engine}"
+                      + (f" = {report.steps_this_run / report.elapsed:,.0f} steps/s overall"
+                         if report.elapsed > 0 and report.steps_this_run else "")
+                      + (f"; {cpu_rate:,.0f} steps per worker CPU second (the rate without other load)"
+                         if (cpu_rate := _steps_per_cpu_second(report)) else ""))
+    for col in ("guest", "policy", "steps", "chunks", "divergences", "wall time", "steps/s", "seed range"):
+        t.add_column(col, justify="left" if col in ("guest", "policy") else "right")
+    for j in report.jobs:
+        t.add_row(j.guest, j.policy, f"{j.steps:,} / {j.steps_planned:,}",
+                  f"{j.chunks} / {j.chunks_planned}" + (f" ({j.resumed_chunks} resumed)" if j.resumed_chunks else ""),
+                  f"[red]{j.divergences}[/]" if j.divergences else "0", f"{j.seconds:,.1f} s",
+                  "-" if j.steps_per_s is None else f"{j.steps_per_s:,.0f}", j.seed_range)
+    console.print(t)
+    if report.first is not None:
+        c = report.first.chunk
+        d = report.shrunk
+        console.print(f"{c.guest} {c.policy}: divergence in chunk {c.index} (seed {c.seed}) at its step "
+                      f"{report.first.steps_run - 1:,}; remaining chunks cancelled. Shrunk to {d.step + 1} steps "
+                      f"in {report.shrink_seconds:.1f} s:", markup=False, highlight=False)
+        console.print(str(d), markup=False, highlight=False)
+        console.print(f"reproduce: {report.reproduce()}", markup=False, highlight=False)
+    elif report.interrupted:
+        console.print("interrupted: " + (f"the finished chunks are in {args.state}; the same command resumes"
+                                         if args.state else "give --state FILE to make a campaign resumable"))
+    else:
+        console.print(f"[green]no divergence[/] in {sum(j.steps for j in report.jobs):,} steps")
+    return report
 
 
 # --- trace --------------------------------------------------------------------
@@ -383,6 +481,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--guest", choices=("32", "pae", "64", "la57"), help="default: all four")
     c.add_argument("--policy", choices=("zap", "update"))
     c.add_argument("--seed-bug", action="store_true", help="use the seed's update_pte access bits (U|W)")
+    c.add_argument("--jobs", type=int, help="lockstep: local worker processes (default: the CPU count; 1: "
+                   "in this process), or the size of the LocalCluster --engine dask starts")
+    c.add_argument("--engine", choices=("local", "dask"), default="local",
+                   help="lockstep: run the chunks on a local process pool (default) or on dask distributed")
+    c.add_argument("--scheduler", metavar="ADDRESS", help="with --engine dask: the scheduler (tcp://host:port); "
+                   "without it a LocalCluster is started")
+    c.add_argument("--state", metavar="FILE", help="lockstep: record finished chunks in FILE (JSON lines); "
+                   "the same command resumes from it")
+    c.add_argument("--chunk-steps", type=int, help="lockstep: steps per chunk (default 20,000); chunk k uses "
+                   "seed --seed + k")
+    c.add_argument("--json", action="store_true", help="results as JSON on stdout (tables go to stderr)")
     c.set_defaults(func=cmd_selfcheck)
 
     tr = sub.add_parser("trace", help="narrate one guest event from the VM's event trace")

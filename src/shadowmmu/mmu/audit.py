@@ -8,6 +8,8 @@ naming the first broken invariant.
 from __future__ import annotations
 
 import copy
+from functools import lru_cache
+from itertools import compress
 
 from ..x86.bits import CR0_WP, CR4_PKE, CR4_SMAP, CR4_SMEP, PTE_A, PTE_D
 from ..x86.cpu import A_F, A_SMAP_OVERRIDE, A_U, A_W, R_U, R_W, R_X, permission_faults
@@ -20,13 +22,35 @@ class AuditError(AssertionError):
     """A shadow MMU invariant does not hold."""
 
 
+_probes: dict[tuple, object] = {}
+
+
 def _probe_cpu(guest):
     """The guest's CPU state without SMEP/SMAP/PKU: a supervisor read then succeeds
-    exactly when the guest's tables map the address, and reports its rights."""
-    c = copy.copy(guest)
-    c.cr4 &= ~(CR4_SMEP | CR4_SMAP | CR4_PKE)
-    c._update()
+    exactly when the guest's tables map the address, and reports its rights.
+    Cached by register values (the audit runs after every lockstep step)."""
+    key = (guest.cr0, guest.cr3, guest.cr4, guest.efer, guest.pdptes, guest.pdpte_addrs, guest.maxphyaddr,
+           guest.gbpages)
+    c = _probes.get(key)
+    if c is None:
+        if len(_probes) > 256:
+            _probes.clear()
+        c = copy.copy(guest)
+        c.cr4 &= ~(CR4_SMEP | CR4_SMAP | CR4_PKE)
+        c._update()
+        _probes[key] = c
     return c
+
+
+@lru_cache(maxsize=None)
+def _perm_table(wp: bool, smep: bool, smap: bool) -> bytes:
+    """permission_faults() for every (rights | access column), as CpuState.perm."""
+    return bytes(permission_faults(i & 7, i & ~7, wp=wp, smep=smep, smap=smap) for i in range(128))
+
+
+def _present(spt):
+    """Indices of the non-zero entries of a shadow table (C speed: most are zero)."""
+    return compress(range(512), spt.tolist())
 
 
 def audit(mmu, *, guest_walks: bool = True) -> None:
@@ -43,7 +67,9 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
         if not mmu.pool_lo <= sp.hpfn < mmu.pool_hi:
             raise AuditError(f"{sp!r} lives outside the shadow pool")
         present = 0
-        for idx, spte in enumerate(sp.spt):
+        spt = sp.spt
+        for idx in _present(spt):
+            spte = spt[idx]
             if not spte & SPTE_P:
                 continue
             present += 1
@@ -90,6 +116,17 @@ _ACCESS_COLUMNS = tuple(
         ("user read", A_U), ("user write", A_U | A_W), ("user fetch", A_U | A_F)))
 
 
+class _Where:
+    """The leaf a message is about, formatted lazily (the audit runs after every step)."""
+    __slots__ = ("spte", "va", "sp")
+
+    def __init__(self, spte, va, sp):
+        self.spte, self.va, self.sp = spte, va, sp
+
+    def __str__(self) -> str:
+        return f"spte {self.spte:#x} for gva {self.va:#x} in {self.sp!r}"
+
+
 def _rights(t) -> int:
     return (R_W if t.writable else 0) | (R_U if t.user else 0) | (R_X if t.executable else 0)
 
@@ -104,6 +141,7 @@ def _audit_roots(mmu, vcpu) -> None:
     g_smep, g_smap = (bool(guest.cr4 & CR4_SMEP), bool(guest.cr4 & CR4_SMAP)) if guest.paging else (False, False)
     hw = vcpu.hw
     h_wp, h_smep, h_smap = bool(hw.cr0 & CR0_WP), bool(hw.cr4 & CR4_SMEP), bool(hw.cr4 & CR4_SMAP)
+    g_perm, h_perm = _perm_table(g_wp, g_smep, g_smap), _perm_table(h_wp, h_smep, h_smap)
     if st.glevels >= 4:
         tops = [(st.roots[0], st.glevels, 0)]
     else:
@@ -113,7 +151,9 @@ def _audit_roots(mmu, vcpu) -> None:
     while stack:
         sp, level, base = stack.pop()
         shift = 12 + 9 * (level - 1)
-        for idx, spte in enumerate(sp.spt):
+        spt = sp.spt
+        for idx in _present(spt):
+            spte = spt[idx]
             if not spte & SPTE_P:
                 continue
             va = base | (idx << shift)
@@ -122,7 +162,7 @@ def _audit_roots(mmu, vcpu) -> None:
                 continue
             if va >> (va_bits - 1) & 1 and va_bits > 32:
                 va |= ~((1 << va_bits) - 1) & ((1 << 64) - 1)
-            where = f"spte {spte:#x} for gva {va:#x} in {sp!r}"
+            where = _Where(spte, va, sp)       # formatted only if an invariant breaks
             try:
                 t = translate(mmu.gmem, probe, va, 0, set_ad=False)
             except PageFault as pf:
@@ -143,8 +183,7 @@ def _audit_roots(mmu, vcpu) -> None:
                 continue               # the hardware faults on every access: it grants nothing
             g_rights, h_rights = _rights(t), _rights(h)
             for name, col in _ACCESS_COLUMNS:
-                if not permission_faults(h_rights, col, wp=h_wp, smep=h_smep, smap=h_smap) and \
-                        permission_faults(g_rights, col, wp=g_wp, smep=g_smep, smap=g_smap):
+                if not h_perm[h_rights | col] and g_perm[g_rights | col]:
                     raise AuditError(f"{where}: the hardware allows a {name} that the guest's tables forbid")
             if guest.pk_active and h.user and h.pkey != t.pkey:
                 raise AuditError(f"{where}: protection key {h.pkey}, the guest's pte has key {t.pkey}")

@@ -392,8 +392,21 @@ class Generator:
     def scenario(self) -> list[Op]:
         ch = self.ch
         kind = ch.choice(("user_writes_table", "flood", "quadrant", "mode_cache", "remote", "wp0",
-                          "large", "self_map"))
+                          "large", "self_map", "inherit"))
         va, v = self.va(), self.vcpu()
+        if kind == "inherit":
+            # an upper entry with fewer rights (U or W or X taken away) above a table
+            # that is then shadowed and given a full-rights pte: the leaf must inherit
+            # the upper level's limits (the seed's update_pte bug, the 2021 CVE)
+            level = ch.choice(range(2, self.levels + (0 if self.mode is PagingMode.PAE else 1)))
+            table = ch.choice(POOL)
+            upper = P | A | (W if ch.chance(0.5) else 0) | (U if ch.chance(0.4) else 0)
+            if self.wide and ch.chance(0.3):
+                upper |= NX
+            return [self.mapping(va, level, (table << 12) | upper, v), *self.maybe_invalidate(va, v),
+                    self.access(va=va, vcpu=v, cpl=0, kind="read"),
+                    self.mapping(va, 1, (ch.choice(DATA) << 12) | P | W | U | A | D, v),
+                    self.access(va=va, vcpu=v, cpl=3, kind=ch.choice(("store", "read", "fetch")))]
         if kind == "user_writes_table":
             # map a page table frame user-writable, shadow it, then user code stores to it
             table = ch.choice(POOL + ROOTS)
