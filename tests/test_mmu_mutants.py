@@ -15,8 +15,8 @@ from shadowmmu.mmu.mmu import ShadowMMU
 from shadowmmu.mmu.spte import ACC_DIRTY, ACC_U, ACC_W, ACC_X, SPTE_NX, Role
 from shadowmmu.vm import VM
 from shadowmmu.vm.lockstep import GUESTS, Lockstep, RandomChooser, generate_program
-from shadowmmu.x86 import CpuState, PageFault
-from shadowmmu.x86.bits import ACC_FETCH, ACC_USER, ACC_WRITE, CR0_WP, CR4_SMAP, CR4_SMEP, EFER_NXE
+from shadowmmu.x86 import CpuState, NonCanonicalAddress, PageFault
+from shadowmmu.x86.bits import ACC_FETCH, ACC_USER, ACC_WRITE, CR0_WP, CR4_PKE, CR4_SMAP, CR4_SMEP, EFER_NXE
 from shadowmmu.x86.builder import control_registers
 from shadowmmu.x86.formats import PagingMode
 from shadowmmu.x86.walker import translate
@@ -340,6 +340,8 @@ def test_a_user_write_to_a_shadowed_table_it_does_not_walk_unshadows_it():
     x = USER_BASE + 8 * 4096
     v.store(g.pte_addr(x), (b << 12) | P | W | U | A | D, 8)       # user mapping of that table
     v.set_cpl(3)
+    assert v.load(x + 8 * 100, 8) == 0                 # reading it changes nothing
+    assert vm.mmu.is_shadowed(b) and vm.mmu.stats["unshadowed_user_write"] == 0
     before = dict(vm.events.exits)
     v.store(x + 8 * 100, 0x5A5A, 8)
     assert not vm.mmu.is_shadowed(b)
@@ -350,6 +352,14 @@ def test_a_user_write_to_a_shadowed_table_it_does_not_walk_unshadows_it():
     v.store(x + 8 * 101, 0x6B6B, 8)                    # writable now: no exit
     assert vm.events.total_exits == exits
     assert v.load(x + 8 * 100, 8) == 0x5A5A
+    v.store(USER_BASE + (1 << 30), 1, 8)               # a third user page table
+    v.set_cpl(0)
+    c = g.pte_addr(USER_BASE + (1 << 30)) >> 12
+    assert vm.mmu.is_shadowed(c)
+    v.store(g.pte_addr(x + 4096), (c << 12) | P | W | U | A | D, 8)
+    v.set_cpl(3)
+    v.store(x + 4096 + 8 * 100, 1, 8)
+    assert vm.mmu.stats["unshadowed_user_write"] == 2 and not vm.mmu.is_shadowed(c)
     vm.audit()
 
 
@@ -508,10 +518,31 @@ def test_a_32bit_linear_address_is_0_to_4g_minus_1(paging):
         tb.map(va, 1, P | W | U, 0x5000)
     cpu = tb.cpu() if paging else CpuState()
     assert translate(tb.mem, cpu, 0).paddr == (0x5000 if paging else 0)
-    assert translate(tb.mem, cpu, 0xFFFFFFFF).paddr == (0x5FFF if paging else 0xFFFFFFFF)
+    t = translate(tb.mem, cpu, 0xFFFFFFFF)
+    if paging:                                         # 4-byte entries: index 1023 is at +0xFFC
+        assert t.paddr == 0x5FFF
+        assert [(lvl, addr & 0xFFF) for lvl, addr, _ in t.entries] == [(2, 0xFFC), (1, 0xFFC)]
+    else:                                              # no paging: everything allowed, nothing to set
+        assert tuple(t) == (0xFFFFFFFF, 0xFFFFFFFF, 12, True, True, True, 0, False, True, ())
     for va in (1 << 32, (1 << 33) - 1, -1):
         with pytest.raises(ValueError, match=f"^linear address {va:#x} does not fit in 32 bits$"):
             translate(tb.mem, cpu, va)
+
+
+def test_a_walk_records_the_address_of_each_8_byte_entry_it_read():
+    tb = Tables(Env(LEVEL4))
+    va = 0x7FFF_FFFF_F000                              # index 255 in the PML4, 511 below
+    addrs = tb.map(va, 1, P | W | U, 0x9000)
+    t = translate(tb.mem, tb.cpu(), va)
+    assert [(lvl, addr) for lvl, addr, _ in t.entries] == [(lvl, addrs[lvl]) for lvl in (4, 3, 2, 1)]
+    assert [addr & 0xFFF for _, addr, _ in t.entries] == [0x7F8, 0xFF8, 0xFF8, 0xFF8]
+
+
+def test_a_non_canonical_address_names_the_address_width():
+    tb = Tables(Env(LEVEL4))
+    with pytest.raises(NonCanonicalAddress) as e:
+        translate(tb.mem, tb.cpu(), 1 << 47)
+    assert (e.value.address, e.value.bits) == (1 << 47, 48)
 
 
 def test_pkru_access_disable_denies_user_reads_and_write_disable_only_writes():
@@ -609,6 +640,86 @@ def test_sptes_made_with_nxe_are_not_reused_after_nxe_is_cleared():
     v.write_efer(v.guest.efer & ~EFER_NXE)
     v.set_cpl(3)
     assert fault_code(v.load, va, 8) == P | U | 8      # P, U, RSVD
+    vm.audit()
+
+
+def test_a_wp0_supervisor_write_to_a_user_page_under_smap_is_emulated_every_time():
+    """With SMAP the CR0.WP=0 trick (writable, not user) would hide the page's U bit from
+    the SMAP check, so the write is emulated and the spte stays read-only and user."""
+    vm, g, v, va = read_only_user_page()
+    v.write_cr4(v.guest.cr4 | CR4_SMAP)
+    v.write_cr0(v.guest.cr0 & ~CR0_WP)
+    v.set_ac(True)
+    frame = vm.mmu.gva_to_gpa(v, va) >> 12
+    for value in (0x31, 0x32):
+        before = vm.events.exits["emulate"]
+        v.store(va, value, 8)
+        assert vm.events.exits["emulate"] == before + 1
+        assert leaf_spte(vm, va) == (vm.gmem.gfn_to_pfn(frame) << 12) | P | U | A
+    assert v.load(va, 8) == 0x32
+    vm.audit()
+
+
+def test_the_wp0_trick_maps_the_page_once_for_all_supervisor_writes():
+    """Without SMAP (or on a supervisor page) the first write maps the page writable and
+    supervisor-only: later supervisor writes do not exit."""
+    for user_page, smap in ((True, False), (False, True)):
+        vm, g, v = shadowed()
+        va = USER_BASE + 14 * 4096
+        v.store(g.pte_addr(va), (g.alloc() << 12) | P | (U if user_page else 0) | A | D, 8)
+        if smap:
+            v.write_cr4(v.guest.cr4 | CR4_SMAP)
+        v.write_cr0(v.guest.cr0 & ~CR0_WP)
+        v.store(va, 1, 8)
+        exits = vm.events.total_exits
+        v.store(va + 8, 2, 8)
+        assert vm.events.total_exits == exits, (user_page, smap)
+        assert leaf_spte(vm, va) & (W | U) == W
+        vm.audit()
+
+
+def test_a_four_level_guests_protection_keys_reach_the_shadow_leaf():
+    vm, g, v = shadowed()
+    va = USER_BASE + 15 * 4096
+    key = 1
+    v.store(g.pte_addr(va), (g.alloc() << 12) | P | W | U | A | D | (key << 59), 8)
+    v.write_cr4(v.guest.cr4 | CR4_PKE)
+    v.write_pkru(1 << (2 * key))                       # access-disable key 1
+    v.set_fault_handler(None)
+    v.set_cpl(3)
+    assert fault_code(v.load, va, 8) == P | U | 0x20   # P, U, PK
+    assert leaf_spte(vm, va) >> 59 & 0xF in (0, key)   # (not present yet, or carrying the key)
+    v.write_pkru(0)
+    assert v.load(va, 8) == 0
+    assert leaf_spte(vm, va) >> 59 & 0xF == key
+    vm.audit()
+
+
+class Device:
+    def __init__(self):
+        self.log = []
+
+    def read(self, gpa, size):
+        self.log.append(("r", gpa, size))
+        return 0xAB
+
+    def write(self, gpa, size, value):
+        self.log.append(("w", gpa, size, value))
+
+
+def test_an_mmio_spte_records_the_gpa_and_dirty_logging_ignores_mmio():
+    vm = VM(16 << 20, tracing=True)
+    dev = Device()
+    vm.add_mmio(0xFEE00000, 0x1000, dev)
+    g = MiniGuest(vm, "64")
+    v = vm.vcpu
+    v.store(g.pte_addr(0x7000_0000), 0xFEE00000 | P | W | A | D, 8)
+    vm.mmu.enable_dirty_log(vm.slots[0])
+    vm.events.clear_trace()
+    v.store(0x7000_0010, 5, 4)
+    assert dev.log == [("w", 0xFEE00010, 4, 5)]
+    assert any(line.endswith(f": 0x0 -> {0xFEE00000 | 0x200:#x}") for line in notes(vm, "spte"))
+    assert 0xFEE00 not in vm.mmu.get_dirty_log(vm.slots[0])
     vm.audit()
 
 
