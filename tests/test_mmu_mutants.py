@@ -68,6 +68,7 @@ def test_a_role_describes_itself_level_kind_quadrant_rights_and_wp0():
     assert Role(level=1, glevels=3, direct=True, access=ACC_U).describe() == "L1 direct q0 -U-"
     # only a direct page records the large page's dirtiness
     assert Role(level=1, glevels=4, access=ACC_W | ACC_U | ACC_X | ACC_DIRTY).describe() == "L1 g4 q0 WUX"
+    assert Role(level=2, glevels=2, pse=True).describe() == "L2 g2 q0 WUX pse"
 
 
 @pytest.mark.parametrize("policy", ("zap", "update"))
@@ -298,6 +299,32 @@ def test_gva_to_gpa_checks_the_access_and_sets_no_accessed_bit():
         vm.mmu.gva_to_gpa(v, va, ACC_WRITE)
     assert e.value.error_code == P | W
     assert v.load(pte_addr, 8) == (frame << 12) | P | U    # the walk left A clear
+
+
+def test_the_accessed_bits_a_guest_walk_sets_are_in_the_dirty_log_faulting_or_not():
+    vm, g, v = shadowed()
+    slot = vm.slots[0]
+    va = USER_BASE + 20 * 4096
+    pte_addr = g.pte_addr(va)
+    v.store(pte_addr, (g.alloc() << 12) | P | W | U, 8)          # A=0: the walk will set it
+    vm.mmu.enable_dirty_log(slot)
+    vm.mmu.get_dirty_log(slot)
+    v.set_cpl(3)
+    assert v.load(va, 8) == 0
+    assert pte_addr >> 12 in vm.mmu.get_dirty_log(slot)           # the table the walk wrote A into
+    v.set_cpl(0)
+    pml4e_addr = (g.root << 12) + 8 * ((USER_BASE >> 39) & 511)
+    v.store(pml4e_addr, v.load(pml4e_addr, 8) & ~A, 8)            # clear A in the top entry
+    vm.mmu.get_dirty_log(slot)
+    v.set_fault_handler(None)
+    v.set_cpl(3)
+    assert fault_code(v.load, USER_BASE + (10 << 20), 8) == U    # not present below: a fault,
+    assert g.root in vm.mmu.get_dirty_log(slot)                   # but A was set on the way down
+    vm.mmu.disable_dirty_log(slot)
+    assert slot.dirty_bitmap is None and not vm.mmu.dirty_logging
+    with pytest.raises(ValueError, match="^dirty logging is not enabled on memslot 0$"):
+        vm.mmu.get_dirty_log(slot)
+    vm.audit()
 
 
 def test_reading_the_dirty_log_of_a_slot_that_does_not_log_is_a_clear_error():
@@ -536,6 +563,92 @@ def test_a_walk_records_the_address_of_each_8_byte_entry_it_read():
     t = translate(tb.mem, tb.cpu(), va)
     assert [(lvl, addr) for lvl, addr, _ in t.entries] == [(lvl, addrs[lvl]) for lvl in (4, 3, 2, 1)]
     assert [addr & 0xFFF for _, addr, _ in t.entries] == [0x7F8, 0xFF8, 0xFF8, 0xFF8]
+
+
+def test_a_walk_into_a_frame_never_written_reads_zero_entries():
+    """Untouched frames read as zeros (4-byte entries: all 1024 of them)."""
+    for mode, va, size in ((BITS32, 0xFFC0_0000, 4), (LEVEL4, 0x7FC0_0000, 8)):
+        tb = Tables(Env(mode))
+        addrs = tb.map(va, 2, P | W | U, 0x40_0000)    # a large page, then repoint its entry
+        tb.put(addrs[2], 0x30_0000 | P | W | U)        # at a table frame nobody wrote
+        pf = fault_code_and_entries(tb.mem, tb.cpu(), va, 0)
+        assert pf == (0, (1, 0x30_0000 + size * ((va >> 12) & (0x3FF if size == 4 else 0x1FF)), 0)), mode
+
+
+def fault_code_and_entries(mem, cpu, va, access, record=True):
+    with pytest.raises(PageFault) as e:
+        translate(mem, cpu, va, access, record=record)
+    return e.value.error_code, (e.value.entries[-1] if e.value.entries else None)
+
+
+def test_a_page_fault_carries_the_entries_read_up_to_the_faulting_one():
+    """(level, entry address, value) top down, the faulting entry last: what the MMU logs
+    for the dirty log and the narration shows.  record=False: no entries at all."""
+    from x86_helpers import PAE
+    va = 0x4000_0000
+    for mode in (PAE, LEVEL4, BITS32):
+        tb = Tables(Env(mode, nxe=mode != BITS32))
+        addrs = tb.map(va, 1, P | U, 0x8000)           # read-only user page
+        levels = [lvl for lvl in (5, 4, 3, 2, 1) if lvl in addrs]
+        cases = [(ACC_USER | ACC_WRITE, P | W | U, addrs[1])]          # protection: the leaf
+        rsvd = (1 << 51) if mode != BITS32 else None
+        for access, code, last in cases:
+            with pytest.raises(PageFault) as e:
+                translate(tb.mem, tb.cpu(), va, access)
+            assert e.value.error_code == code
+            assert [(lvl, addr) for lvl, addr, _ in e.value.entries] == [(lvl, addrs[lvl]) for lvl in levels]
+            assert e.value.entries[-1][2] == tb.get(last)
+            with pytest.raises(PageFault) as e:
+                translate(tb.mem, tb.cpu(), va, access, record=False)
+            assert e.value.entries == ()
+        # not present at the leaf, then a reserved bit in the leaf and in the entry above
+        leaf = tb.get(addrs[1])
+        tb.put(addrs[1], leaf & ~P)
+        assert fault_code_and_entries(tb.mem, tb.cpu(), va, 0) == (0, (1, addrs[1], leaf & ~P))
+        assert fault_code_and_entries(tb.mem, tb.cpu(), va, 0, record=False) == (0, None)
+        if rsvd is not None:
+            tb.put(addrs[1], leaf | rsvd)
+            assert fault_code_and_entries(tb.mem, tb.cpu(), va, 0) == (P | 8, (1, addrs[1], leaf | rsvd))
+            assert fault_code_and_entries(tb.mem, tb.cpu(), va, 0, record=False) == (P | 8, None)
+            tb.put(addrs[1], leaf)
+            pde = tb.get(addrs[2])
+            tb.put(addrs[2], pde | rsvd)
+            assert fault_code_and_entries(tb.mem, tb.cpu(), va, 0) == (P | 8, (2, addrs[2], pde | rsvd))
+            assert fault_code_and_entries(tb.mem, tb.cpu(), va, 0, record=False) == (P | 8, None)
+            tb.put(addrs[2], pde)
+        if mode == PAE:                                # a PDPTE that is not present
+            tb.put(addrs[3], 0)
+            cpu = tb.cpu()
+            assert fault_code_and_entries(tb.mem, cpu, va, 0) == (0, (3, addrs[3], 0))
+            assert fault_code_and_entries(tb.mem, cpu, va, 0, record=False) == (0, None)
+
+
+def test_a_walk_without_set_ad_writes_no_accessed_bit_anywhere():
+    tb = Tables(Env(LEVEL4))
+    va = 0x4000_0000
+    addrs = tb.map(va, 1, P | W | U, 0x8000)           # no A anywhere
+    before = {lvl: tb.get(a) for lvl, a in addrs.items()}
+    translate(tb.mem, tb.cpu(), va, ACC_USER | ACC_WRITE, set_ad=False)
+    assert {lvl: tb.get(a) for lvl, a in addrs.items()} == before
+    translate(tb.mem, tb.cpu(), va, ACC_USER | ACC_WRITE)
+    assert {lvl: tb.get(a) for lvl, a in addrs.items()} == {
+        lvl: v | A | (D if lvl == 1 else 0) for lvl, v in before.items()}
+
+
+def test_smap_binds_explicit_supervisor_accesses_unless_ac_and_implicit_ones_always():
+    from shadowmmu.x86.bits import ACC_IMPLICIT
+    va = 0x4000_0000
+    for ac in (False, True):
+        tb = Tables(Env(LEVEL4, smap=True, ac=ac))
+        tb.map(va, 1, P | W | U, 0x8000)
+        cpu = tb.cpu()
+        for access in (0, ACC_WRITE):
+            if ac:
+                assert translate(tb.mem, cpu, va, access).paddr == 0x8000
+            else:
+                assert fault_code_and_entries(tb.mem, cpu, va, access)[0] == P | access
+        assert fault_code_and_entries(tb.mem, cpu, va, ACC_IMPLICIT)[0] == P
+        assert translate(tb.mem, cpu, va, ACC_USER).paddr == 0x8000
 
 
 def test_a_non_canonical_address_names_the_address_width():
