@@ -238,7 +238,8 @@ def test_update_installs_a_written_pte_with_its_nx_bit_in_every_wide_format():
         frame = g.alloc()
         before = vm.mmu.stats["pte_updates"]
         v.store(g.pte_addr(va), (frame << 12) | P | W | U | A | D | NX, 8)
-        assert vm.mmu.stats["pte_updates"] == before + 1, guest
+        v.store(g.pte_addr(va + 4096), (g.alloc() << 12) | P | U | A | NX, 8)
+        assert vm.mmu.stats["pte_updates"] == before + 2, guest
         spte = leaf_spte(vm, va)
         assert spte & SPTE_NX and spte & P and spte & W, (guest, hex(spte))
         exits = vm.events.total_exits
@@ -472,8 +473,150 @@ def test_a_fault_reclaims_only_below_six_free_frames():
         mmu.zap_page(next(sp for sp in mmu.lru if not sp.root_count))
     assert len(mmu.free) == 6
     reclaimed = mmu.stats["reclaimed"]
-    assert v.load(USER_BASE, 8) == 1                   # refaults (its table was zapped): no reclaim
+    exits = vm.events.total_exits
+    assert v.load(USER_BASE + 3 * (2 << 20) + 4096, 8) == 0     # a page never touched: it faults
+    assert vm.events.total_exits > exits
     assert mmu.stats["reclaimed"] == reclaimed
+    vm.audit()
+
+
+def test_a_fault_with_five_free_frames_reclaims_exactly_one():
+    vm, g, v = shadowed(pool_pages=16)
+    mmu = vm.mmu
+    v.set_cpl(3)
+    for i in range(1, 6):
+        v.store(USER_BASE + i * (2 << 20), i, 8)
+    while len(mmu.free) < 5:
+        mmu.zap_page(next(sp for sp in mmu.lru if not sp.root_count))
+    assert len(mmu.free) == 5
+    reclaimed = mmu.stats["reclaimed"]
+    exits = vm.events.total_exits
+    assert v.load(USER_BASE + 3 * (2 << 20) + 4096, 8) == 0     # a page never touched: it faults
+    assert vm.events.total_exits > exits
+    assert mmu.stats["reclaimed"] == reclaimed + 1
+    vm.audit()
+
+
+def test_a_fault_reloads_roots_that_were_zapped_while_in_use():
+    vm, g, v = shadowed()
+    vm.mmu.zap_all()
+    assert v.mmu_roots_invalid
+    v.set_cpl(3)
+    assert v.load(USER_BASE, 8) == 1
+    assert not v.mmu_roots_invalid and not v.mmu_state.roots[0].zapped
+    vm.audit()
+
+
+def test_a_32bit_guests_pages_record_its_cr4_pse():
+    from shadowmmu.x86.bits import CR4_PSE
+    vm, g, v = shadowed("32", tracing=True)
+    assert v.mmu_state.roots[0].role.describe() == "L2 g2 q0 WUX pse"
+    v.write_cr4(v.guest.cr4 & ~CR4_PSE)
+    assert v.mmu_state.roots[0].role.describe() == "L2 g2 q0 WUX"
+    v.set_cpl(3)
+    assert v.load(USER_BASE, 8) == 1
+    vm.audit()
+
+
+def test_without_paging_smep_and_smap_do_not_reach_the_hardware():
+    """CR4.SMEP/SMAP apply only with paging; the identity map's sptes are user pages,
+    which must not fault supervisor fetches and reads."""
+    vm = VM(16 << 20)
+    v = vm.vcpu
+    v.write_cr4(CR4_SMEP | CR4_SMAP)
+    v.store(0x5000, 0xC3, 8)
+    assert v.load(0x5000, 8) == 0xC3 and v.fetch(0x5000) == 0xC3
+    assert vm.vcpu.hw.cr4 & (CR4_SMEP | CR4_SMAP) == 0
+    vm.audit()
+
+
+def test_a_page_table_is_shadowed_under_its_full_address_above_4gb():
+    vm = VM(8 << 30)
+    g = MiniGuest(vm, "64")
+    v = vm.vcpu
+    pt_gfn = 0x100010                                  # a page table just above 4 GB
+    frame = g.alloc()
+    vm.gmem.write_uint((pt_gfn << 12) + 8 * 5, (frame << 12) | P | W | U | A | D, 8)
+    va = 0x8000_0000 + 5 * 4096
+    g.pte_addr(va)                                     # builds PDPT[2] -> PD -> PT; repoint the PDE
+    pd_entry = next(a for lvl, a, _ in fault_entries(vm, v, va) if lvl == 2)
+    v.store(pd_entry, (pt_gfn << 12) | P | W | U | A, 8)
+    v.set_cpl(3)
+    assert v.load(va, 8) == 0
+    assert vm.mmu.is_shadowed(pt_gfn) and not vm.mmu.is_shadowed(pt_gfn & 0xFFFFF)
+    vm.audit()
+
+
+def fault_entries(vm, v, va):
+    try:
+        return translate(vm.gmem, v.guest, va, 0, set_ad=False).entries
+    except PageFault as pf:
+        return pf.entries
+
+
+def large_page_guest(ram=16 << 20):
+    vm = VM(ram, tracing=True, pte_write="update")
+    g = MiniGuest(vm, "64")
+    return vm, g, vm.vcpu
+
+
+def map_large(vm, g, v, va, level, frame):
+    """Make the level-`level` entry for va a large page (P|W|U|A|PS, clean) at frame."""
+    g.pte_addr(va)                                     # build the tables down to a PT
+    addr = next(a for lvl, a, _ in fault_entries(vm, v, va) if lvl == level)
+    v.store(addr, frame | P | W | U | A | PS, 8)
+    return addr
+
+
+def test_2mb_guest_pages_map_through_direct_pages_a_clean_one_then_its_dirty_twin():
+    vm, g, v = large_page_guest()
+    va = 0x8000_0000
+    map_large(vm, g, v, va, 2, 0x40_0000)
+    map_large(vm, g, v, va + (2 << 20), 2, 0x60_0000)
+    for k in range(4):
+        vm.gmem.write_uint(0x40_0000 + k * 4096, 0x1000 + k, 8)
+        vm.gmem.write_uint(0x60_0000 + k * 4096, 0x2000 + k, 8)
+    v.store(g.pte_addr(va + (4 << 20)), (g.alloc() << 12) | P | W | U | A | D, 8)   # a 4K page beside
+    vm.events.clear_trace()
+    v.set_cpl(3)
+    assert [v.load(va + k * 4096, 8) for k in range(3)] == [0x1000, 0x1001, 0x1002]
+    assert [v.load(va + (2 << 20) + k * 4096, 8) for k in range(3)] == [0x2000, 0x2001, 0x2002]
+    assert [n for n in notes(vm, "shadow page created") if "direct" in n] == [
+        "  shadow page created: gfn 0x400 L1 direct q0 -UX",     # clean: without W
+        "  shadow page created: gfn 0x600 L1 direct q0 -UX"]
+    vm.events.clear_trace()
+    v.store(va + 4096, 0x77, 8)                        # the first write sets D: the dirty twin
+    assert notes(vm, "shadow page created") == ["  shadow page created: gfn 0x400 L1 direct q0 WUXD"]
+    assert vm.gmem.read_uint(0x40_1000, 8) == 0x77
+    v.load(va + (4 << 20), 8)
+    exits = vm.events.total_exits
+    vm.events.clear_trace()
+    for _ in range(2):                                 # warm: neither the large page nor the 4K page
+        v.load(va + 4096, 8)                           # beside it in the same directory exits again
+        v.load(va + (4 << 20), 8)
+        v.load(va + 2 * 4096, 8)
+    assert vm.events.total_exits == exits + 1          # the one read of the twin's second 4K page
+    assert len(notes(vm, "spte")) == 1                 # ... which installs one leaf and relinks nothing
+    vm.audit()
+
+
+def test_a_1gb_guest_page_maps_through_two_levels_of_direct_pages():
+    vm, g, v = large_page_guest(2 << 30)
+    va = 0xC000_0000
+    map_large(vm, g, v, va, 3, 0x4000_0000)
+    for k in (0, 1, 513):
+        vm.gmem.write_uint(0x4000_0000 + k * 4096, 0x3000 + k, 8)
+    v.set_cpl(3)
+    v.store(USER_BASE, 9, 8)
+    for _ in range(2):
+        assert [v.load(va + k * 4096, 8) for k in (0, 1, 513)] == [0x3000, 0x3001, 0x3201]
+        assert v.load(USER_BASE, 8) == 9
+        exits = vm.events.total_exits
+    assert [v.load(va + k * 4096, 8) for k in (0, 1, 513)] == [0x3000, 0x3001, 0x3201]
+    assert v.load(USER_BASE, 8) == 9
+    assert vm.events.total_exits == exits
+    v.store(va + 513 * 4096 + 8, 0x55, 8)
+    assert vm.gmem.read_uint(0x4000_0000 + 513 * 4096 + 8, 8) == 0x55
     vm.audit()
 
 
@@ -502,6 +645,10 @@ def test_nx_in_a_pae_page_directory_entry_forbids_fetches_below_it():
     v.set_cpl(3)
     assert v.load(va, 8) == 0xC3
     assert fault_code(v.fetch, va) == P | U | 0x10
+    v.set_cpl(0)                                       # a pte installed by update_pte under that PDE
+    v.store(g.pte_addr(va + 4096), (g.alloc() << 12) | P | W | U | A | D, 8)
+    v.set_cpl(3)
+    assert fault_code(v.fetch, va + 4096) == P | U | 0x10
     vm.audit()
 
 
@@ -549,6 +696,7 @@ def test_a_32bit_linear_address_is_0_to_4g_minus_1(paging):
     if paging:                                         # 4-byte entries: index 1023 is at +0xFFC
         assert t.paddr == 0x5FFF
         assert [(lvl, addr & 0xFFF) for lvl, addr, _ in t.entries] == [(2, 0xFFC), (1, 0xFFC)]
+        assert t.pkey == 0                             # no protection keys in this format
     else:                                              # no paging: everything allowed, nothing to set
         assert tuple(t) == (0xFFFFFFFF, 0xFFFFFFFF, 12, True, True, True, 0, False, True, ())
     for va in (1 << 32, (1 << 33) - 1, -1):
@@ -567,7 +715,7 @@ def test_a_walk_records_the_address_of_each_8_byte_entry_it_read():
 
 def test_a_walk_into_a_frame_never_written_reads_zero_entries():
     """Untouched frames read as zeros (4-byte entries: all 1024 of them)."""
-    for mode, va, size in ((BITS32, 0xFFC0_0000, 4), (LEVEL4, 0x7FC0_0000, 8)):
+    for mode, va, size in ((BITS32, 0xFFFF_F000, 4), (LEVEL4, 0x7FFF_F000, 8)):
         tb = Tables(Env(mode))
         addrs = tb.map(va, 2, P | W | U, 0x40_0000)    # a large page, then repoint its entry
         tb.put(addrs[2], 0x30_0000 | P | W | U)        # at a table frame nobody wrote
@@ -585,7 +733,7 @@ def test_a_page_fault_carries_the_entries_read_up_to_the_faulting_one():
     """(level, entry address, value) top down, the faulting entry last: what the MMU logs
     for the dirty log and the narration shows.  record=False: no entries at all."""
     from x86_helpers import PAE
-    va = 0x4000_0000
+    va = 0x4040_3000                                   # indexes 1, 2, 3 (not 0: addresses must differ)
     for mode in (PAE, LEVEL4, BITS32):
         tb = Tables(Env(mode, nxe=mode != BITS32))
         addrs = tb.map(va, 1, P | U, 0x8000)           # read-only user page
@@ -898,6 +1046,8 @@ def test_statistics_count_each_event_once():
     v.set_cpl(3)
     v.store(USER_BASE + (4 << 20), 1, 8)               # a new 2 MB region: one new page table
     assert s["pages_created"] == created + 1
+    v.store(USER_BASE + (2 << 20), 1, 8)               # bit 21 set: still quadrant 0 (64-bit guest)
+    assert all(sp.role.quadrant == 0 for sp in vm.mmu.pages.values())
     v.set_cpl(0)
     pt_addr = g.pte_addr(USER_BASE)
     v.store(pt_addr + 8 * 30, 0, 8)                    # warm-up: the kernel's spte of the table settles
