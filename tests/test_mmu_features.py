@@ -229,23 +229,40 @@ def test_the_shadow_pool_bound_holds_under_a_large_address_space():
     vm.audit()
 
 
-def test_a_pte_write_on_one_vcpu_flushes_the_other_vcpus_hardware_tlb():
+@pytest.mark.parametrize("policy", ["zap", "update"])
+def test_a_pte_write_on_one_vcpu_flushes_the_other_vcpus_hardware_tlb(policy):
     """kvm_flush_remote_tlbs: an spte that loses rights or goes away is gone from every
-    vCPU's hardware TLB, so a second vCPU never runs on a stale shadow translation."""
-    vm = VM(16 << 20, nr_vcpus=2)
+    vCPU's hardware TLB, so a second vCPU never runs on a stale shadow translation.
+
+    Set up so that pte_write's own flush is the only thing that can drop vCPU 1's
+    entry: the table is shadowed and vCPU 0's read-only mapping of it is final (a
+    first trapped write rebuilt it, clearing the D bit it kept from when it was
+    writable -- a change that would itself flush), the new frame is mapped, and
+    only then does vCPU 1 fill its TLB.  No flush is pending when vCPU 0 remaps."""
+    vm = VM(16 << 20, nr_vcpus=2, pte_write=policy)
     g = MiniGuest(vm, "64")
     v0, v1 = vm.vcpus
     v1.setup_paging(**control_registers(PagingMode.LEVEL4, g.root << 12, nxe=True))
     v0.set_cpl(3)
-    v0.store(USER_BASE, 0x1111, 8)
-    v1.set_cpl(3)
-    assert v1.load(USER_BASE, 8) == 0x1111             # v1's TLB now maps the page
-    assert v1.tlb.lookup(USER_BASE) is not None
+    v0.store(USER_BASE, 0x1111, 8)                       # demand fault: the user table is shadowed
     v0.set_cpl(0)
+    pte = g.pte_addr(USER_BASE)
+    assert vm.mmu.is_shadowed(pte >> 12)
+    v0.store(pte + 8 * 100, 0, 8)                        # a trapped write: v0's read-only spte for the table is final
     new = g.alloc()
-    v0.store(g.pte_addr(USER_BASE), (new << 12) | 0x67, 8)    # remap, on vCPU 0 only
+    v0.store(new << 12, 0x2222, 8)                       # the frame the guest will remap to
+    v1.set_cpl(3)
+    exits = vm.events.total_exits
+    assert v1.load(USER_BASE, 8) == 0x1111               # v1's TLB now maps the old frame ...
+    assert vm.events.total_exits == exits                # ... filled by a hardware walk, no exit
+    assert v1.tlb.lookup(USER_BASE) is not None
+    assert not vm.mmu.tlb_flush_needed                   # nothing pending that a later fault would flush
+    flushes, pte_writes = vm.mmu.stats["tlb_flushes"], vm.events.exits["pte_write"]
+    v0.store(pte, (new << 12) | 0x67, 8)                 # remap, on vCPU 0 only
+    assert vm.events.exits["pte_write"] == pte_writes + 1
     assert v1.tlb.lookup(USER_BASE) is None
-    assert v1.load(USER_BASE, 8) == 0                   # the new (zeroed) frame
+    assert v1.load(USER_BASE, 8) == 0x2222               # the new frame
+    assert vm.mmu.stats["tlb_flushes"] == flushes + 1    # pte_write's flush was the only one
     vm.audit()
 
 
