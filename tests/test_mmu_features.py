@@ -119,28 +119,46 @@ def test_mmio_accesses_reach_the_device_every_time(native):
         vm.audit()
 
 
-def test_dirty_log_never_misses_a_written_page():
+def guest_walk(vm, g, va):
+    """(gfn of the page table, gfn of the page) for va, read straight from guest RAM
+    (4-level tables): independent of the MMU and of the x86 walker."""
+    table = g.root
+    for level in (4, 3, 2, 1):
+        e = vm.gmem.read_u64((table << 12) + 8 * ((va >> (12 + 9 * (level - 1))) & 511))
+        assert e & 1, f"{va:#x}: no level-{level} entry"
+        pt, table = table, (e & 0x000FFFFFFFFFF000) >> 12
+    return pt, table
+
+
+def changed_pages(before, after):
+    return {gfn for gfn in before.keys() | after.keys() if before.get(gfn) != after.get(gfn)}
+
+
+def test_dirty_log_reports_exactly_the_pages_written_since_the_last_get():
     vm, g = booted()
     v = vm.vcpu
     slot = vm.slots[0]
     v.set_cpl(3)
     for i in range(8):
-        v.store(USER_BASE + i * 4096, i + 1, 8)
+        v.store(USER_BASE + i * 4096, i + 1, 8)       # writable sptes before logging starts
     vm.mmu.enable_dirty_log(slot)
     vm.audit()
-    for i in (1, 3, 5, 9):
+    before = vm.guest_memory()
+    for i in (1, 3, 5, 9):                            # page 9 is new: a demand fault writes its pte
         v.store(USER_BASE + i * 4096 + 16, 0x55, 8)
-    v.set_cpl(0)
-    written = {g.pte_gpa(USER_BASE + i * 4096) for i in (1, 3, 5, 9)} if hasattr(g, "pte_gpa") else None
-    dirty = set(vm.mmu.get_dirty_log(slot))
-    for i in (1, 3, 5, 9):
-        gpa = vm.mmu.gva_to_gpa(v, USER_BASE + i * 4096)
-        assert gpa >> 12 in dirty
-    assert written is None or written <= dirty
-    # after get-and-clear, the pages are write-protected again and a new write is logged
-    v.set_cpl(3)
+    after = vm.guest_memory()
+    pt = guest_walk(vm, g, USER_BASE)[0]
+    page = {i: guest_walk(vm, g, USER_BASE + i * 4096)[1] for i in (1, 3, 5, 9)}
+    dirty = vm.mmu.get_dirty_log(slot)
+    assert changed_pages(before, after) <= set(dirty)           # no page that changed is missed
+    assert sorted(dirty) == sorted({page[1], page[3], page[5], page[9], pt})
+    assert vm.mmu.get_dirty_log(slot) == []                     # get cleared the log
+    # after get-and-clear the pages are write-protected again: a new write is logged,
+    # and only it (the pages written before the get, and the table, are not)
+    before = vm.guest_memory()
     v.store(USER_BASE + 3 * 4096, 7, 8)
-    assert {vm.mmu.gva_to_gpa(v, USER_BASE + 3 * 4096) >> 12} <= set(vm.mmu.get_dirty_log(slot))
+    assert changed_pages(before, vm.guest_memory()) == {page[3]}
+    assert vm.mmu.get_dirty_log(slot) == [page[3]]
     vm.audit()
 
 
