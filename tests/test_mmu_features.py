@@ -3,10 +3,11 @@ MMIO, dirty logging, reclaim bound, 5-level guests, audit, and bad input."""
 
 import pytest
 
-from shadowmmu.guest.minimal import USER_BASE, MiniGuest
+from shadowmmu.guest.minimal import USER_BASE, A, D, MiniGuest, P, U, W
 from shadowmmu.mmu import AuditError
 from shadowmmu.vm import VM, GuestCrash
 from shadowmmu.x86 import PageFault
+from shadowmmu.x86.bits import ACC_USER, ACC_WRITE, PF_P, PF_U, PF_W
 from shadowmmu.x86.builder import control_registers
 from shadowmmu.x86.formats import PagingMode
 
@@ -163,15 +164,42 @@ def test_dirty_log_reports_exactly_the_pages_written_since_the_last_get():
 
 
 def test_gva_to_gpa_has_no_side_effects_and_faults_like_the_guest():
+    """A debugger's translation: guest memory stays bit-exact (no A/D bit set at any
+    level, on a walk that succeeds or faults), no exit, no shadow page; its #PF
+    carries the error code the guest gets when it makes the access itself."""
     vm, g = booted()
     v = vm.vcpu
+    # a fresh 4-level path with A=0 at every level: va -> rw frame (W, D=0), va + 4K -> ro frame
+    va = 1 << 39                                         # PML4 entry 1
+    pdpt, pd, pt, rw, ro = (g.alloc() for _ in range(5))
+    for table, index, nxt in ((g.root, 1, pdpt), (pdpt, 0, pd), (pd, 0, pt)):
+        v.store((table << 12) + 8 * index, (nxt << 12) | P | W | U, 8)
+    v.store(pt << 12, (rw << 12) | P | W | U, 8)
+    v.store((pt << 12) + 8, (ro << 12) | P | U, 8)
+    v.store((rw << 12) + 0x120, 0x5A5A, 8)
+    entries = [((g.root << 12) + 8, pdpt), (pdpt << 12, pd), (pd << 12, pt), (pt << 12, rw), ((pt << 12) + 8, ro)]
+    memory, exits, pages = vm.guest_memory(), vm.events.total_exits, vm.mmu.nr_pages
+    uw = ACC_USER | ACC_WRITE
+    assert vm.mmu.gva_to_gpa(v, va + 0x123, uw) == (rw << 12) | 0x123
+    with pytest.raises(PageFault) as ro_fault:
+        vm.mmu.gva_to_gpa(v, va + 4096, uw)               # protection: present, write, user
+    assert (ro_fault.value.address, ro_fault.value.error_code) == (va + 4096, PF_P | PF_W | PF_U)
+    with pytest.raises(PageFault) as np_fault:
+        vm.mmu.gva_to_gpa(v, va + 2 * 4096, uw)           # not present, write, user
+    assert (np_fault.value.address, np_fault.value.error_code) == (va + 2 * 4096, PF_W | PF_U)
+    assert [hex(vm.gmem.read_u64(a)) for a, _ in entries] == [
+        hex((n << 12) | P | W | U) for n in (pdpt, pd, pt, rw)] + [hex((ro << 12) | P | U)]   # A=0, D=0
+    assert changed_pages(memory, vm.guest_memory()) == set()     # and every other byte is as it was
+    assert vm.events.total_exits == exits and vm.mmu.nr_pages == pages
+    # the guest's own accesses: the same faults, and a real walk does set A (and D)
     v.set_cpl(3)
-    v.store(USER_BASE, 1, 8)
-    gpa = vm.mmu.gva_to_gpa(v, USER_BASE + 0x123)
-    assert gpa & 0xFFF == 0x123
-    with pytest.raises(PageFault) as e:
-        vm.mmu.gva_to_gpa(v, USER_BASE + 100 * 4096)
-    assert e.value.error_code == 0
+    v.store(va + 0x128, 1, 8)
+    assert v.load(va + 0x120, 8) == 0x5A5A
+    assert [vm.gmem.read_u64(a) & (A | D) for a, _ in entries[:4]] == [A, A, A, A | D]
+    v.store(va + 4096, 1, 8)
+    v.store(va + 2 * 4096, 1, 8)
+    assert g.handled == [(va + 4096, PF_P | PF_W | PF_U), (va + 2 * 4096, PF_W | PF_U)]
+    vm.audit()
 
 
 def test_a_five_level_guest_runs_on_five_level_shadow_tables():
