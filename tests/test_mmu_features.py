@@ -179,8 +179,6 @@ def test_dirty_log_reports_exactly_the_pages_written_since_the_last_get():
     vm.audit()
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: page_fault()'s guest walk sets A/D in guest "
-                   "tables without mark_dirty (KVM marks the table gfn dirty when it sets A or D)")
 def test_dirty_log_reports_a_table_whose_accessed_bit_the_mmu_set():
     """A page the MMU changes for the guest is a page written: a guest pte with A=0,
     then a guest access after the get; the MMU's walk sets A in the guest's page

@@ -340,18 +340,19 @@ class ShadowMMU:
         st = vcpu.mmu_state
         if len(self.free) < 6:
             self.make_room(6)              # KVM: mmu_topup_memory_caches + free_some_pages
+        before = self._walked_entries(vcpu, vaddr, access) if self.dirty_logging else None
         try:
             # walk_guest: the x86 walker on guest-physical memory, setting guest A/D as hardware would
             walk = translate(self.gmem, vcpu.guest, vaddr, access)
         except PageFault as pf:
-            if self.dirty_logging:
-                self._log_walked_tables(pf.entries)
+            if before:
+                self._log_changed_tables(before, pf.entries)
             st.last_pt_write_count = 0     # a real guest fault is not a fork storm
             if self.tlb_flush_needed:
                 self.flush_tlbs()
             return INJECTED, pf
-        if self.dirty_logging:
-            self._log_walked_tables(walk.entries)
+        if before:
+            self._log_changed_tables(before, walk.entries)
         result = self.fetch(vcpu, vaddr, access, walk)
         if result[0] != EMULATE or result[1] >> 12 not in self.shadowed:
             st.last_pt_write_count = 0     # only consecutive page-table writes count
@@ -359,13 +360,22 @@ class ShadowMMU:
             self.flush_tlbs()
         return result
 
-    def _log_walked_tables(self, entries) -> None:
-        """The guest walk may have set A/D bits in the tables it passed: those are
-        writes to guest memory on the guest's behalf, so the dirty log must show
-        them (the seed's walker calls mark_page_dirty when it sets A).  Every table
-        walked is logged; logging a frame that did not change is allowed."""
-        for _, addr, _ in entries:
-            self.mark_dirty(addr >> 12)
+    def _walked_entries(self, vcpu, vaddr: int, access: int) -> dict[int, int]:
+        """Entry address -> value along the guest walk, read without side effects."""
+        try:
+            entries = translate(self.gmem, vcpu.guest, vaddr, access, set_ad=False).entries
+        except PageFault as pf:
+            entries = pf.entries
+        return {addr: value for _, addr, value in entries}
+
+    def _log_changed_tables(self, before: dict[int, int], entries) -> None:
+        """The guest walk sets A/D bits in the tables it passes: writes to guest
+        memory on the guest's behalf, which the dirty log must show (the seed's
+        walker calls mark_page_dirty when it sets A).  Only the tables whose entry
+        changed are logged, as KVM does."""
+        for _, addr, value in entries:
+            if before.get(addr, value) != value:
+                self.mark_dirty(addr >> 12)
 
     def fetch(self, vcpu, vaddr: int, access: int, walk):
         """Build the shadow path for a successful guest walk and install the leaf."""
