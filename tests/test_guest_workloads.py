@@ -58,3 +58,26 @@ def test_workloads_are_deterministic_and_sized():
     assert a["guest_events"]["forks"] == 3
     with pytest.raises(ValueError):
         run_workload(VM(RAM), "nope")
+
+
+def test_results_do_not_depend_on_pythonhashseed():
+    """File contents are keyed by a stable hash: a run under two PYTHONHASHSEEDs
+    reads and writes the same guest memory, bit for bit."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    code = ("import hashlib, json; from shadowmmu.guest import run_workload; from shadowmmu.vm import VM\n"
+            "vm = VM(4 << 20, pte_write='update')\n"
+            "r = run_workload(vm, 'kbuild', guest='64', size=1, seed=5)\n"
+            "h = hashlib.sha256()\n"
+            "for gfn, page in sorted(vm.guest_memory().items()): h.update(gfn.to_bytes(8, 'little') + page)\n"
+            "print(h.hexdigest(), json.dumps(r['guest_events'], sort_keys=True))\n")
+    outs = set()
+    for hashseed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hashseed)
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        outs.add(r.stdout)
+    assert len(outs) == 1
+    assert hashlib.sha256(b"").hexdigest() not in outs.pop()
