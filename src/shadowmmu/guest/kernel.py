@@ -93,7 +93,7 @@ STACK_LIMIT = 8 << 20            # RLIMIT_STACK
 SIGSEGV = 11
 
 EVENT_NAMES = ("demand_faults", "file_faults", "cow_faults", "segv", "spurious_faults", "forks", "execs",
-               "exits", "context_switches", "pte_writes", "invlpgs", "cr3_writes", "user_accesses",
+               "process_exits", "context_switches", "pte_writes", "invlpgs", "cr3_writes", "user_accesses",
                "kernel_accesses", "pages_zeroed", "pages_copied", "pages_read", "cow_reused",
                "zero_page_maps", "page_cache_hits", "page_tables_allocated", "page_tables_freed",
                "syscalls", "verified_qwords")
@@ -528,16 +528,18 @@ class Kernel:
                 self._segv(p, addr, err, "execute from a non-executable mapping")
         elif not vma.prot & (PROT_READ | PROT_EXEC):
             self._segv(p, addr, err, "read of a PROT_NONE mapping")
+        ev = self.events
+        tables = ev["page_tables_allocated"]
         ptep = self._pte_alloc(mm, addr)
         pte = self._ld(ptep)
-        ev = self.events
+        case = (ptep - self.po) & ~0xFFF, ev["page_tables_allocated"] != tables     # for the fault meter
         if not pte & PTE_P:
             if vma.file is not None:
-                self.meter.kind("file")
+                self.meter.kind("file", *case)
                 ev["file_faults"] += 1
                 self._do_file_fault(mm, vma, addr, ptep, write)
             else:
-                self.meter.kind("demand")
+                self.meter.kind("demand", *case)
                 ev["demand_faults"] += 1
                 if write:
                     new = self._alloc_page(zero=True)
@@ -546,12 +548,12 @@ class Kernel:
                     ev["zero_page_maps"] += 1
                     self._set_pte(ptep, self.zero_page | self._pte_flags(vma, False))
         elif write and not pte & PTE_W:
-            self.meter.kind("cow")
+            self.meter.kind("cow", *case)
             ev["cow_faults"] += 1
             self._do_wp_page(vma, addr, ptep, pte)
         else:
             # The pte already allows the access: a stale TLB entry (never with our flushing).
-            self.meter.kind("spurious")
+            self.meter.kind("spurious", *case)
             ev["spurious_faults"] += 1
             self._invlpg(addr)
 
@@ -714,7 +716,7 @@ class Kernel:
         p.gen = fn(p.user, *args)
 
     def _do_exit(self, p: Process, status: int) -> None:
-        self.events["exits"] += 1
+        self.events["process_exits"] += 1
         if p.user is not None:
             self.events["user_accesses"] += p.user.naccesses
             p.user.naccesses = 0
