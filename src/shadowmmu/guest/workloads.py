@@ -80,7 +80,9 @@ class Workload:
     setup: object            # setup(kernel, size, seed) -> expected number of process exits
     default_size: int
     description: str
-    ram_mb: int              # guest RAM it is comfortable with (boot zeroes all of it)
+    ram_mb: int              # guest RAM it is comfortable with at its default size
+    unit: str                # what ``size`` counts
+    pages: object            # pages(size) -> an upper bound of the frames it holds at once (measured + margin)
 
 
 def _libc(k: Kernel):
@@ -268,13 +270,20 @@ def _kbuild(k: Kernel, size: int, seed: int) -> int:
     return 2 * size + 2
 
 
+# pages(size): peak frames in use measured on 32-bit and 64-bit guests (demand: size + 10,
+# kbuild: 4 x size + 320, the others 94 whatever their size), with a margin.
 WORKLOADS = {
-    "demand": Workload("demand", _demand, 256, "one process writes N fresh anonymous pages", 16),
-    "fork": Workload("fork", _fork, 50, "lmbench lat_proc fork: fork + immediate exit + wait, N times", 16),
+    "demand": Workload("demand", _demand, 256, "one process writes N fresh anonymous pages", 16, "pages",
+                       lambda n: n + n // 256 + 64),
+    "fork": Workload("fork", _fork, 50, "lmbench lat_proc fork: fork + immediate exit + wait, N times", 16,
+                     "forks", lambda n: 160),
     "forkwait": Workload("forkwait", _forkwait, 40,
-                         "Adams & Agesen fork/waitpid: the child touches a few pages and exits, N times", 16),
-    "kbuild": Workload("kbuild", _kbuild, 8, "make -> sh -> compiler for N source files, then a link", 24),
-    "memtouch": Workload("memtouch", _memtouch, 20, "4 processes x N cycles of mmap/touch/munmap", 16),
+                         "Adams & Agesen fork/waitpid: the child touches a few pages and exits, N times", 16,
+                         "forks", lambda n: 160),
+    "kbuild": Workload("kbuild", _kbuild, 8, "make -> sh -> compiler for N source files, then a link", 24,
+                       "source files", lambda n: 4 * n + 400),
+    "memtouch": Workload("memtouch", _memtouch, 20, "4 processes x N cycles of mmap/touch/munmap", 16,
+                         "cycles per process", lambda n: 160),
 }
 
 
