@@ -17,13 +17,15 @@ def shadowmmu(*args):
 def test_run_json_has_the_documented_fields(capsys):
     assert main(["run", "demand", "--guest", "32", "--policy", "zap", "--size", "64", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    for key in ("workload", "policy", "guest", "guest_events", "exits", "exits_per_demand_fault",
-                "exits_per_cow_fault", "estimate"):
+    for key in ("schema", "workload", "policy", "guest", "frames", "guest_events", "exits", "exits_per_fault",
+                "estimate"):
         assert key in rep
     assert rep["workload"] == "demand" and rep["policy"] == "zap" and rep["guest"] == "32"
     assert rep["guest_events"]["demand_faults"] >= 64
     assert rep["exits"]["total"] == sum(rep["exits"]["by_reason"].values())
-    assert rep["typical_exits_per_demand_fault"] == 3
+    demand = rep["exits_per_fault"]["demand"]
+    assert demand["steady"] == 3 and demand["steady_histogram"] == {"3": 63}
+    assert demand["other_faults"] == 1 and demand["other_by_case"]["new_table"]["faults"] == 1
     est = rep["estimate"]
     assert est["preset"] == "p4-2006"
     assert est["shadow"]["cycles"] > est["native"]["cycles"] > 0
@@ -33,7 +35,8 @@ def test_run_json_has_the_documented_fields(capsys):
 def test_run_native_has_no_exits(capsys):
     assert main(["run", "demand", "--guest", "64", "--native", "--size", "32", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["policy"] == "native" and rep["exits"]["total"] == 0
+    assert rep["policy"] == "native" and rep["exits"]["total"] == 0 and rep["exits"]["by_reason"] is None
+    assert rep["estimate"]["shadow"] is None
     assert rep["guest_events"]["demand_faults"] >= 32
 
 
@@ -45,7 +48,13 @@ def test_run_native_has_no_exits(capsys):
     (["selfcheck"], "say what to check"),
     (["bench", "mmu", "--pages", "0"], "--pages must be positive"),
     (["run", "demand", "--size", "8", "--plot", "/nonexistent/dir/x.png"], "cannot write the plot"),
-    (["run", "demand", "--guest", "32", "--size", "200000"], "the guest kernel gave up: out of memory"),
+    (["run", "demand", "--guest", "32", "--size", "200000"],
+     "--size 200000 does not fit: demand needs about 201,165 frames of guest RAM, and a 32 guest has at most "
+     "512 MB (131,072 frames); the largest demand size that fits is 130,180 pages"),
+    (["run", "kbuild", "--guest", "pae", "--size", "40000"], "the largest kbuild size that fits is 32,588 source files"),
+    (["run", "demand", "--size", "8", "--plot", "/tmp"], "--plot '/tmp' is a directory"),
+    (["run", "demand", "--size", "8", "--plot", "/tmp/figure"], "the file name must end in .png, .pdf, .svg"),
+    (["compare", "demand", "--plot", "/nonexistent/x.png"], "directory '/nonexistent' does not exist"),
 ])
 def test_bad_arguments_are_one_clear_line(args, message):
     r = shadowmmu(*args)
