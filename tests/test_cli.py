@@ -88,3 +88,54 @@ def test_compare_plot_is_written(tmp_path, capsys):
     assert out.stat().st_size > 10_000
     text = capsys.readouterr().out
     assert "demand" in text and "update" in text
+
+
+def test_bench_ram_memory_follows_touched_pages(capsys):
+    """A 1 GB guest booted cold allocates a handful of host frames, not 262,144."""
+    from shadowmmu.analysis.bench_ram import bench_ram
+    (row,) = bench_ram((1024,), "cold", touch=16)
+    assert row["boot_host_frames"] < 64
+    # the 16 pages written, their page table, the process's tables and stack, shadow pages
+    assert row["host_frames"] - row["boot_host_frames"] < 200
+
+
+def test_version_and_python_dash_m():
+    r = subprocess.run([sys.executable, "-m", "shadowmmu", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("shadowmmu ")
+
+
+def test_every_run_and_compare_option_has_help():
+    from shadowmmu.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.choices and "run" in a.choices)
+    for name in ("run", "compare", "demo", "walk", "bench", "trace"):
+        for action in sub.choices[name]._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    assert "kbuild: source files (default 8)" in sub.choices["run"].format_help().replace("\n", " ").replace("  ", " ")
+
+
+def test_native_run_prints_no_shadow_numbers(capsys):
+    assert main(["run", "demand", "--native", "--size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "shadow" not in out and "no hypervisor" in out
+    assert "process_exits" in out
+
+
+def test_json_keys_have_no_spaces_or_colons_and_empty_is_null(capsys):
+    assert main(["compare", "demand", "--guest", "64", "--size", "16", "--frames", "warm", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["schema"] == 2 and data["predictions"] is None
+
+    def walk(x):
+        if isinstance(x, dict):
+            assert x != {}, "an empty object should be null"
+            for k, v in x.items():
+                assert " " not in k and ":" not in k, k
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+    walk(data)
+    native = data["reports"][0]
+    assert native["policy"] == "native" and native["exits"]["by_reason"] is None

@@ -123,6 +123,29 @@ def cmd_bench(args) -> int:
                           f"{r['accesses'] / r['seconds']:,.0f}", f"{ev['user_accesses'] / r['seconds']:,.0f}")
         console.print(t)
         return 0
+    if args.what == "ram":
+        from .analysis.bench_ram import bench_ram
+        if any(mb <= 0 or mb > 65536 for mb in args.sizes):
+            raise UsageError("--sizes are guest RAM sizes in MB, from 1 to 65536 (64 GiB)")
+        if args.touch <= 0:
+            raise UsageError(f"--touch must be positive, got {args.touch}")
+        t = Table(title=f"64-bit guest, update policy, {args.frames} frames: boot, then one process writes "
+                        f"{args.touch:,} fresh pages (each guest in its own process)",
+                  caption="peak RSS: the whole Python process (the interpreter and shadowmmu alone take about "
+                          "20 MB); host frames: 4 KB frames of guest RAM and shadow pages actually allocated")
+        for col in ("guest RAM", "boot", "host frames after boot", "peak RSS after boot", "run", "host frames",
+                    "peak RSS"):
+            t.add_column(col, justify="right")
+        for r in bench_ram(args.sizes, args.frames, args.touch):
+            size = f"{r['ram_mb'] // 1024} GB" if r["ram_mb"] >= 1024 else f"{r['ram_mb']} MB"
+            if "error" in r:
+                t.add_row(size, r["error"], "", "", "", "", "")
+                continue
+            t.add_row(size, f"{r['boot_seconds']:.2f} s", f"{r['boot_host_frames']:,}",
+                      f"{r['boot_peak_rss_mb']:.0f} MB", f"{r['run_seconds']:.2f} s", f"{r['host_frames']:,}",
+                      f"{r['peak_rss_mb']:.0f} MB")
+        console.print(t)
+        return 0
     raise UsageError(f"unknown benchmark {args.what!r}")
 
 
@@ -480,25 +503,34 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("image", help="raw file of physical memory, starting at physical address 0")
     w.add_argument("address", type=_int, nargs="+", help="linear address(es) to translate")
     w.add_argument("--mode", help="32 | pae | 64 | 5-level: typical CR0/CR4/EFER for that mode")
-    w.add_argument("--cr0", type=_int)
-    w.add_argument("--cr3", type=_int)
-    w.add_argument("--cr4", type=_int)
-    w.add_argument("--efer", type=_int)
+    w.add_argument("--cr0", type=_int, help="CR0 value (overrides --mode's)")
+    w.add_argument("--cr3", type=_int, help="CR3: physical address of the root table (with --mode or alone)")
+    w.add_argument("--cr4", type=_int, help="CR4 value (overrides --mode's)")
+    w.add_argument("--efer", type=_int, help="IA32_EFER value (overrides --mode's)")
     w.add_argument("--no-nxe", action="store_true", help="with --mode: EFER.NXE=0")
-    w.add_argument("--cpl", type=int, choices=(0, 3), default=0)
-    w.add_argument("--access", choices=("read", "write", "fetch"), default="read")
+    w.add_argument("--cpl", type=int, choices=(0, 3), default=0, help="privilege level of the access (default: 0)")
+    w.add_argument("--access", choices=("read", "write", "fetch"), default="read",
+                   help="kind of access (default: read)")
     w.add_argument("--implicit", action="store_true", help="a supervisor implicit access (SMAP ignores AC)")
     w.add_argument("--ac", action="store_true", help="RFLAGS.AC=1")
-    w.add_argument("--pkru", type=_int, default=0)
-    w.add_argument("--maxphyaddr", type=int, default=52)
+    w.add_argument("--pkru", type=_int, default=0, help="PKRU register, for protection keys (default: 0)")
+    w.add_argument("--maxphyaddr", type=int, default=52,
+                   help="physical address width: higher entry address bits are reserved (default: 52)")
     w.add_argument("--memory-size", type=_int, help="physical memory size (default: the image's size)")
     w.add_argument("--set-ad", action="store_true", help="let the walk set A/D bits (default: inspect only)")
     w.set_defaults(func=cmd_walk)
 
     b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=("walk", "mmu", "kbuild"))
+    b.add_argument("what", choices=("walk", "mmu", "kbuild", "ram"),
+                   help="walk: page walks/s; mmu: demand faults/s per policy; kbuild: simulated accesses/s; ram: "
+                        "boot time and peak RSS against guest RAM size")
     b.add_argument("--pages", type=int, default=4000, help="mapped pages (walk) / demand faults (mmu)")
     b.add_argument("--guest", nargs="+", choices=("32", "pae", "64"), default=["64"], help="mmu/kbuild: guest formats")
+    b.add_argument("--sizes", type=int, nargs="+", default=[64, 1024, 8192, 65536],
+                   help="ram: guest RAM sizes in MB (default: 64 1024 8192 65536)")
+    b.add_argument("--frames", choices=("warm", "cold"), default="cold",
+                   help="ram: cold (frames cleared when allocated, the default) or warm (boot zeroes all RAM)")
+    b.add_argument("--touch", type=int, default=4096, help="ram: pages the workload writes after boot")
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("selfcheck", help="verification campaigns (QEMU differential, lockstep)")
@@ -512,9 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_selfcheck)
 
     tr = sub.add_parser("trace", help="narrate one guest event from the VM's event trace")
-    tr.add_argument("what", choices=("demand",))
-    tr.add_argument("--policy", choices=("zap", "update", "native"))
-    tr.add_argument("--guest", choices=("32", "pae", "64"), default="64")
+    tr.add_argument("what", choices=("demand",), help="the event to trace: demand (one demand fault)")
+    tr.add_argument("--policy", choices=("zap", "update", "native"), help="default: zap, then update")
+    tr.add_argument("--guest", choices=("32", "pae", "64"), default="64",
+                    help="guest paging format (default: 64); the traced guest writes whole ptes")
     tr.set_defaults(func=cmd_trace)
 
     from .guest import WORKLOADS

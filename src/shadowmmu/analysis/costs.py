@@ -146,7 +146,7 @@ def estimate(exits: dict, accesses: int, guest_faults: int, preset: CostPreset,
             "native_cycles": native, "shadow_cycles": shadow,
             "native_seconds": native / preset.hz, "shadow_seconds": shadow / preset.hz,
             "slowdown": shadow / native if native else float("inf"),
-            "parts": {"guest_work": work, "guest_faults": faults, "exits": exit_parts}}
+            "parts": {"guest_work": work, "guest_faults": faults, "exits": exit_parts or None}}
 
 
 def fit_work_per_access(exits: dict, accesses: int, guest_faults: int, preset: CostPreset,
