@@ -378,24 +378,30 @@ def prediction_lines(p: dict) -> list[str]:
     from .analysis.report import guest_label
     at = "" if p["size"] is None and p["seed"] == 0 else f" (size {p['size'] or 'default'}, seed {p['seed']})"
     s = p["sensitivity"]
-    lines = [
-        f"kbuild{at}, {guest_label(p['guest'], p['pae_stores'] or 'halves')} guest, {p['frames']} frames: update "
-        f"predicted {p['predicted_update_speedup'] * 100:.1f}% faster than zap (the seed reports about 10%).",
-        f"  This is an identity, not a fit: (1 - X_update/X_zap) x 219/484 = (1 - {p['x_ratio']:.3f}) x 0.452 = "
-        f"{p['identity_speedup'] * 100:.1f}%, X = exit cycles priced by {p['preset']}; the fitted work per access "
-        f"({p['work_per_access']:.0f} cycles) cancels out" + (" on the fitted run." if not at else
-                                                               ", exactly on the default kbuild only."),
-        "  Sensitivity to the exit mix: kernel-side exits update does not remove at 25% / 50% of zap's exit "
-        f"cycles: {s['kernel_side_25pct'] * 100:+.1f}% / {s['kernel_side_50pct'] * 100:+.1f}%; "
-        + "; ".join(f"{k.replace('frames_', '').replace('_', ' ')} frames: {v * 100:+.1f}%"
-                    for k, v in s.items() if k.startswith("frames_"))
-        + "; CR3/INVLPG exits priced at round trip "
-        + " / ".join(f"+{k.rsplit('_', 1)[1]}" for k in s if k.startswith("cr_invlpg"))
-        + f" cycles instead of the assumed +{CR_WORK}: "
-        + " / ".join(f"{v * 100:+.1f}%" for k, v in s.items() if k.startswith("cr_invlpg"))
-        + "; " + ", ".join(f"preset {k[7:]}: {v * 100:+.1f}%" for k, v in s.items() if k.startswith("preset_")),
+    head = (f"kbuild{at}, {guest_label(p['guest'], p['pae_stores'] or 'halves')} guest, {p['frames']} frames: "
+            f"update predicted {p['predicted_update_speedup'] * 100:.1f}% faster than zap (the seed reports about 10%).")
+    if p["x_ratio"] == 1:
+        return [head, "  update removes no exit here (X_update = X_zap): every pte store is two 4-byte halves and "
+                      "update_pte acts on whole-pte writes only."]
+
+    def pct(v):
+        return f"{v * 100:+.1f}%"
+    crs = [(k.rsplit("_", 1)[1], v) for k, v in s.items() if k.startswith("cr_invlpg")]
+    frames = [(k.split("_", 1)[1], v) for k, v in s.items() if k.startswith("frames_")]
+    presets = [(k[7:], v) for k, v in s.items() if k.startswith("preset_")]
+    return [
+        head,
+        f"  = (1 - X_update/X_zap) x 219/484 = (1 - {p['x_ratio']:.3f}) x 0.452 (X: exit cycles, {p['preset']} "
+        "prices): an identity,",
+        f"    the fitted work per access ({p['work_per_access']:.0f} cycles) cancels out"
+        + (" (exactly on the default kbuild, where it is fitted)." if at else "."),
+        "  Sensitivity to the exit mix: kernel-side exits update does not remove, 25% / 50% of zap's exit cycles: "
+        f"{pct(s['kernel_side_25pct'])} / {pct(s['kernel_side_50pct'])};",
+        "    " + "; ".join(f"{f} frames: {pct(v)}" for f, v in frames)
+        + f"; CR3/INVLPG exits at round trip {' / '.join('+' + c for c, _ in crs)} cycles (assumed +{CR_WORK}): "
+        + " / ".join(pct(v) for _, v in crs) + ";",
+        "    " + "; ".join(f"preset {n}: {pct(v)}" for n, v in presets),
     ]
-    return lines
 
 
 def compare_data(args, progress_cb=None) -> dict:
@@ -473,12 +479,12 @@ def cmd_compare(args) -> int:
 
 
 COMPARE_KEY = (
-    "VM exits per fault, steady: faults whose page table existed and stayed shadowed, with no shadow page made or "
-    "zapped meanwhile (an integer when all cost the same, else their mean).",
-    "Other faults: all the others (a new page table, a table KVM's flood detector unshadowed, a new shadow page), "
-    "mean VM exits x number of faults.",
-    "Frames warm: boot zeroed all RAM, so the kernel's direct map is already shadowed; cold: each frame is "
-    "first touched when allocated. pae: i386 set_pte, two 4-byte stores per pte.",
+    "Steady: VM exits per fault whose page table existed and stayed shadowed, no shadow page made or zapped meanwhile",
+    "  (an integer when all cost the same, else their mean). Other faults: mean VM exits x number of all the others",
+    "  (a new page table, a table KVM's flood detector unshadowed, a new shadow page).",
+    "Frames warm: boot zeroed all RAM, so the direct map is already shadowed; cold: each frame first touched when "
+    "allocated.",
+    "pae: i386 Linux's set_pte, two 4-byte stores per pte; pae8 (--pae-stores whole): one 8-byte store.",
 )
 
 

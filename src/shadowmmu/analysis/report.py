@@ -39,7 +39,7 @@ MAX_RAM_MB = {"32": 512, "pae": 512, "64": 65536}      # 32-bit guests: lowmem o
 
 def guest_label(guest: str, pae_stores: str = "halves") -> str:
     """The guest format as tables print it: PAE with whole-pte stores is the labelled variant."""
-    return "pae, 8-byte pte stores" if guest == "pae" and pae_stores == "whole" else guest
+    return "pae8" if guest == "pae" and pae_stores == "whole" else guest
 
 
 def check_args(workload: str, guest: str, size=None, frames: str = "warm", pae_stores: str = "halves") -> None:
