@@ -481,7 +481,7 @@ def cmd_compare(args) -> int:
 COMPARE_KEY = (
     "Steady: VM exits per fault whose page table existed and stayed shadowed, no shadow page made or zapped meanwhile",
     "  (an integer when all cost the same, else their mean). Other faults: mean VM exits x number of all the others",
-    "  (a new page table, a table KVM's flood detector unshadowed, a new shadow page).",
+    "  (a new page table, a table not shadowed -- a child's after fork, or flooded --, a new shadow page).",
     "Frames warm: boot zeroed all RAM, so the direct map is already shadowed; cold: each frame first touched when "
     "allocated.",
     "pae: i386 Linux's set_pte, two 4-byte stores per pte; pae8 (--pae-stores whole): one 8-byte store.",

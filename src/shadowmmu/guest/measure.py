@@ -24,7 +24,8 @@ Each fault also gets a *case*, defined by what happened, so that a headline
 - ``new_table``   the handler had to allocate the page table (possibly a recycled
                   frame whose old shadow is still there);
 - ``unshadowed``  the table existed but was not shadowed when the handler ran
-                  (KVM's flood detector had unshadowed it, e.g. during fork): the
+                  (a child's table that fork filled, before the child's first
+                  access completed; or one KVM's flood detector unshadowed): the
                   pte write does not exit;
 - ``flooded``     the table was shadowed when the handler ran but not when the
                   access completed: this fault's own writes unshadowed it;
