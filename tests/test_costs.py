@@ -87,6 +87,4 @@ def test_prediction_honours_size_and_seed_and_states_the_identity():
                                      "cr_invlpg_work_8393", "preset_core2-2006", "preset_modern"}
     # a kernel-side share k of zap's exit cycles that both pay shrinks the saving by (1 - k)
     assert p["sensitivity"]["kernel_side_50pct"] == pytest.approx(p["identity_speedup"] / 2)
-    # PAE (pte halves): update saves nothing, the prediction is 0
-    pz = simulate("kbuild", "zap", "pae", 1, 4)["exits_during_workload"]
-    assert simulate("kbuild", "update", "pae", 1, 4)["exits_during_workload"] == pz
+    # (PAE with pte halves saves nothing: test_guest_workloads asserts its steady faults cost 4 under both)
