@@ -88,6 +88,15 @@ def test_compare_plot_is_written(tmp_path, capsys):
     assert out.stat().st_size > 10_000
     text = capsys.readouterr().out
     assert "demand" in text and "update" in text
+    # a fixed size whatever the number of bars: 7.2 x 3 inches at 200 dpi (the PNG header's IHDR)
+    header = out.read_bytes()[16:24]
+    assert (int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")) == (1440, 600)
+
+
+def test_plot_path_is_checked_before_the_run_and_reported(tmp_path, capsys):
+    out = tmp_path / "run.svg"
+    assert main(["run", "demand", "--size", "8", "--plot", str(out)]) == 0
+    assert out.exists() and f"figure written to {out}" in capsys.readouterr().err
 
 
 def test_bench_ram_memory_follows_touched_pages(capsys):

@@ -16,6 +16,8 @@ REASONS = ("pf_injected", "pte_write", "pf_fixed", "other")
 REASON_COLORS = {"pf_injected": "#4477AA", "pte_write": "#EE6677", "pf_fixed": "#228833", "other": "#BBBBBB"}
 REASON_LABELS = {"pf_injected": "#PF injected", "pte_write": "pte write emulated", "pf_fixed": "hidden #PF fixed",
                  "other": "other"}
+REASON_TICKS = {"pf_injected": "#PF\ninjected", "pte_write": "pte write\nemulated", "pf_fixed": "hidden\n#PF fixed",
+                "other": "other"}
 POLICY_HATCH = {"zap": "", "update": "//"}
 
 
@@ -118,7 +120,7 @@ def plot_reports(reports: list[dict], path: str) -> None:
     parts = _reasons(r["exits"]["by_reason"])
     ax1.bar(range(len(REASONS)), [parts[k] for k in REASONS], color=[REASON_COLORS[k] for k in REASONS],
             edgecolor="black", linewidth=0.4)
-    ax1.set_xticks(range(len(REASONS)), [REASON_LABELS[k].replace(" ", "\n", 1) for k in REASONS])
+    ax1.set_xticks(range(len(REASONS)), [REASON_TICKS[k] for k in REASONS], fontsize=7)
     ax1.set_ylabel("VM exits during the workload")
     ax1.set_title(f"(a) {r['workload']}, {_guest_name(r)} guest, {r['policy']}, {r['frames']} frames")
     kinds = [k for k in ("demand", "cow") if r["exits_per_fault"][k]["steady_by_reason"]]
