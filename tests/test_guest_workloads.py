@@ -92,3 +92,12 @@ def test_results_do_not_depend_on_pythonhashseed():
         outs.add(r.stdout)
     assert len(outs) == 1
     assert hashlib.sha256(b"").hexdigest() not in outs.pop()
+
+
+def test_the_notebook_example_in_docs_api_runs():
+    """docs/api.md's example is executed as written (so the documentation stays true)."""
+    import pathlib
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 15 <= len(code.splitlines()) <= 25
+    exec(compile(code, "docs/api.md", "exec"), {})
