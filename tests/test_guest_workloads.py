@@ -69,6 +69,9 @@ def test_workloads_are_deterministic_and_sized():
     assert a["guest_events"]["forks"] == 3
     with pytest.raises(ValueError):
         run_workload(VM(RAM), "nope")
+    assert run_workload(VM(RAM), "demand", guest=64, size=2)["guest"] == "64"      # an int names the format too
+    with pytest.raises(ValueError, match="unknown guest format 48; choose one of 32, pae, 64"):
+        run_workload(VM(RAM), "demand", guest=48, size=2)
 
 
 def test_results_do_not_depend_on_pythonhashseed():

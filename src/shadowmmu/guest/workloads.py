@@ -49,7 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .kernel import Image, Kernel
-from .paging import GUEST_FORMATS
+from .paging import guest_paging
 from .user import PROT_READ, PROT_WRITE, brk, exec_, exit_, fork, mmap, munmap, read, sched_yield, wait, write
 
 KBUILD_SCALE = 32
@@ -301,8 +301,7 @@ def run_workload(vm, workload: str, guest: str = "64", size: int | None = None, 
         w = WORKLOADS[workload]
     except KeyError:
         raise ValueError(f"unknown workload {workload!r}; choose one of {', '.join(WORKLOADS)}") from None
-    if guest not in GUEST_FORMATS:
-        raise ValueError(f"unknown guest format {guest!r}; choose one of {', '.join(GUEST_FORMATS)}")
+    guest = guest_paging(guest).name          # accepts 64 as well as "64"; one clear error otherwise
     size = w.default_size if size is None else int(size)
     if size < 1:
         raise ValueError(f"workload size must be at least 1, got {size}")
