@@ -104,3 +104,16 @@ def test_the_notebook_example_in_docs_api_runs():
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     assert 15 <= len(code.splitlines()) <= 25
     exec(compile(code, "docs/api.md", "exec"), {})
+
+
+def test_progress_covers_the_boot_then_the_workload():
+    calls = []
+    run_workload(VM(RAM), "fork", guest="64", size=3, progress=lambda *a: calls.append(a))
+    boot = [c for c in calls if len(c) == 2 and c[1] == "boot: zeroing RAM"]
+    assert boot and boot[0][0] == 0.0 and all(0 <= c[0] < 1 for c in boot)
+    start = calls.index((0.0, None))
+    assert calls.index(boot[-1]) < start
+    assert [c for c in calls[start + 1:]][-1] == (1.0,)
+    calls.clear()
+    run_workload(VM(RAM), "fork", guest="64", size=3, progress=lambda *a: calls.append(a), frames="cold")
+    assert not [c for c in calls if len(c) == 2 and c[1]]                          # cold: no boot phase

@@ -227,11 +227,19 @@ def cmd_trace(args) -> int:
 
 # --- run / compare ------------------------------------------------------------
 def _progress_runner(console, label):
-    """A progress bar for long runs: returns (context manager, callback(fraction))."""
+    """A progress bar for long runs: returns (context manager, callback(fraction[, phase]));
+    a phase (e.g. the boot) is shown beside the label until the callback says None."""
     from rich.progress import Progress
     progress = Progress(console=console, transient=True)
     task = progress.add_task(label, total=1.0)
-    return progress, lambda frac: progress.update(task, completed=frac)
+    phase_now = [None]
+
+    def update(frac, *phase):
+        if phase and phase[0] != phase_now[0]:
+            phase_now[0] = phase[0]
+            progress.update(task, description=label if phase[0] is None else f"{label}: {phase[0]}")
+        progress.update(task, completed=frac)
+    return progress, update
 
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
@@ -349,8 +357,7 @@ def cmd_run(args) -> int:
     if native:
         console.print("no hypervisor: no VM exits")
         console.print(f"estimated time ({est['preset']}): native {est['native']['seconds'] * 1e3:.3f} ms "
-                      f"(work per user access {est['work_per_access_cycles']:.0f} cycles, fitted on kbuild "
-                      f"under zap to 484 s / 265 s)")
+                      f"(work per user access {est['work_per_access_cycles']:.0f} cycles, fitted to 484 s / 265 s)")
         return 0
     e = Table(title="VM exits during the workload (boot excluded)")
     e.add_column("reason")
@@ -359,16 +366,16 @@ def cmd_run(args) -> int:
         e.add_row(k, f"{v:,}")
     e.add_row("total", f"{rep['exits']['total']:,}")
     console.print(e)
-    parts = []
     for kind in ("demand", "cow"):
         pf = rep["exits_per_fault"][kind]
-        parts.append(f"per {kind} fault: {_steady_text(pf)} steady ({pf['steady_faults']} faults whose page table "
-                     f"existed and stayed shadowed), {_other_text(pf)} other, mean {_fmt(pf['mean'])}")
-    console.print("VM exits " + "; ".join(parts))
+        if pf["mean"] is None:
+            console.print(f"no {kind} faults")
+            continue
+        console.print(f"VM exits per {kind} fault: {_steady_text(pf)} over {pf['steady_faults']:,} steady faults "
+                      f"(table existed, stayed shadowed); {_other_text(pf)} other; mean {_fmt(pf['mean'])}")
     console.print(f"estimated time ({est['preset']}): shadow {est['shadow']['seconds'] * 1e3:.3f} ms, "
                   f"native {est['native']['seconds'] * 1e3:.3f} ms, slowdown {est['slowdown']:.2f}x "
-                  f"(work per user access {est['work_per_access_cycles']:.0f} cycles, fitted on kbuild under zap "
-                  f"to 484 s / 265 s)")
+                  f"(work per user access {est['work_per_access_cycles']:.0f} cycles, fitted to 484 s / 265 s)")
     return 0
 
 

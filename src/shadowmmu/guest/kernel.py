@@ -175,7 +175,7 @@ class Process:
 
 class Kernel:
     def __init__(self, vm, guest: str = "64", seed: int = 0, *, mem: int | None = None,
-                 pae_halves: bool = True, frames: str = "warm"):
+                 pae_halves: bool = True, frames: str = "warm", boot_progress=None):
         if frames not in FRAMES:
             raise ValueError(f"frames must be one of {', '.join(FRAMES)}, got {frames!r}")
         self.frames = frames
@@ -212,10 +212,10 @@ class Kernel:
         self.psz = pg.pte_size
         self.pmask = pg.pte_mask
         self.nx = pg.nx
-        self._boot()
+        self._boot(boot_progress)
 
     # ================================================================ boot
-    def _boot(self) -> None:
+    def _boot(self, progress=None) -> None:
         v, pg = self.vcpu, self.pg
         st = v.store
         bump = RESERVED_FRAMES
@@ -264,8 +264,11 @@ class Kernel:
         # Hand every remaining frame to the allocator; "warm": zero them all now.
         self.fresh = bump
         if self.frames == "warm":
+            n = self.nframes - bump
             for pfn in range(bump, self.nframes):
                 self._clear_page(pfn << 12)
+                if progress is not None and not (pfn - bump) & 4095:
+                    progress((pfn - bump) / n)
             self.boot_pages_zeroed = self.nframes - bump
             self.zero_page = self._alloc_page(zero=False)   # already zero
         else:

@@ -294,7 +294,10 @@ def boot(vm, guest: str = "64", seed: int = 0, **kwargs) -> Kernel:
 
 def run_workload(vm, workload: str, guest: str = "64", size: int | None = None, seed: int = 0,
                  progress=None, **kwargs) -> dict:
-    """Boot, run ``workload`` to completion, and report what the guest did and what it cost."""
+    """Boot, run ``workload`` to completion, and report what the guest did and what it cost.
+    ``progress(fraction)`` is called as the workload's processes exit; with warm frames
+    also ``progress(fraction, "boot: zeroing RAM")`` during boot and ``progress(0.0, None)``
+    when the workload starts."""
     import time
 
     try:
@@ -306,11 +309,15 @@ def run_workload(vm, workload: str, guest: str = "64", size: int | None = None, 
     if size < 1:
         raise ValueError(f"workload size must be at least 1, got {size}")
     t0 = time.perf_counter()
+    if progress is not None and kwargs.get("frames", "warm") == "warm":
+        kwargs["boot_progress"] = lambda frac: progress(frac, "boot: zeroing RAM")
     k = boot(vm, guest, seed, **kwargs)
     t1 = time.perf_counter()
     exits0 = dict(vm.events.exits)
     k.meter.reset()
     nexit = w.setup(k, size, seed)
+    if progress is not None:
+        progress(0.0, None)
     k.run(progress, nexit)
     t2 = time.perf_counter()
     if progress is not None:
