@@ -1,6 +1,6 @@
 """Shadow pte layout and the shadow page's identity (role).
 
-Shadow tables are always the 64-bit format, 512 entries (REFERENCE §2), in host
+Shadow tables are always the 64-bit format, 512 entries (KVM mmu.c, 2007; see docs/sources.md), in host
 physical memory, so the x86 walker walks them as hardware would.  Invariants
 kept by ``ShadowMMU.set_spte`` (the one place that writes an spte):
 
