@@ -134,13 +134,6 @@ def compose_va(mode: PagingMode, indices) -> int:
     return _canonical(va, _VA_BITS[mode])
 
 
-def test_addresses(mode: PagingMode) -> list[int]:
-    out = [()]
-    for choices in _INDICES[mode]:
-        out = [p + (c,) for p in out for c in choices]
-    return [compose_va(mode, p) for p in out]
-
-
 def entry_indices(mode: PagingMode) -> tuple[int, ...]:
     return tuple(sorted({i for level in _INDICES[mode] for i in level}))
 
@@ -473,11 +466,6 @@ class Generator:
                 *self.maybe_invalidate(va, v), self.access(vcpu=v), self.access(vcpu=v, kind="store")]
 
 
-def generate_op(ch: Chooser, mode: PagingMode) -> Op:
-    """One op (the first of a generated group; kept for callers that want single ops)."""
-    return Generator(ch, mode).generate()[0]
-
-
 def generate_program(ch: Chooser, mode: PagingMode, steps: int) -> list[Op]:
     gen = Generator(ch, mode)
     program: list[Op] = []
@@ -653,10 +641,6 @@ class Divergence:
         return "\n".join(lines)
 
 
-def _frames_of(vm: VM) -> dict[int, bytes]:
-    return vm.gmem.snapshot()
-
-
 def _memory_diff(a: dict, b: dict) -> str | None:
     for gfn in sorted(set(a) | set(b)):
         x, y = a.get(gfn, bytes(4096)), b.get(gfn, bytes(4096))
@@ -731,7 +715,7 @@ class Lockstep:
             return "different outcome", a, b
         if self.native.device.log != self.shadow.device.log:
             return "the device saw different MMIO accesses", self.native.device.log[-3:], self.shadow.device.log[-3:]
-        diff = _memory_diff(_frames_of(self.native), shadow_mem)
+        diff = _memory_diff(self.native.gmem.snapshot(), shadow_mem)
         return (diff, "", "") if diff else None
 
     def step(self, i: int, op: Op, program) -> Divergence | None:
@@ -742,7 +726,7 @@ class Lockstep:
         a = _guarded(self.native, op, self.mode)
         b = _guarded(self.shadow, op, self.mode)
         self.steps += 1
-        shadow_mem = _frames_of(self.shadow)
+        shadow_mem = self.shadow.gmem.snapshot()
         bad = self._compare(a, b, shadow_mem)
         if bad and ckpt is not None:
             # TLB latitude: native may have used a translation the guest changed without
@@ -757,7 +741,7 @@ class Lockstep:
                 bad = first
         if bad:
             return Divergence(i, op, bad[0], bad[1], bad[2], program)
-        native_mem = _frames_of(self.native)
+        native_mem = self.native.gmem.snapshot()
         if op.kind == "dirty_log":
             d = self._check_dirty_log(op, self.shadow.dirty_read, native_mem)
             if d:
