@@ -234,11 +234,6 @@ class ShadowMMU:
             self.zap_page(victim)
         self.flush_tlbs()
 
-    def zap_all(self) -> None:
-        for sp in list(self.pages.values()):
-            self.zap_page(sp)
-        self.flush_tlbs()
-
     def is_shadowed(self, gfn: int) -> bool:
         return gfn in self.shadowed
 
@@ -250,6 +245,7 @@ class ShadowMMU:
         return Role(level=0, glevels=glevels, nxe=bool(g.efer & EFER_NXE), cr0_wp=wp,
                     smep_andnot_wp=bool(g.cr4 & CR4_SMEP) and not wp,
                     smap_andnot_wp=bool(g.cr4 & CR4_SMAP) and not wp,
+                    pke_andnot_wp=g.pk_active and not wp,
                     pse=glevels == 2 and bool(g.cr4 & CR4_PSE))
 
     def reset_context(self, vcpu) -> None:
@@ -459,15 +455,21 @@ class ShadowMMU:
         if write and not user and not rights & ACC_W:
             # reached only with CR0.WP=0: the guest allows a supervisor write to a
             # read-only page.  Map it writable but not user (a later user read refaults
-            # and flips it back).  Under SMAP that would hide the page's U bit from the
-            # SMAP check, so emulate the write instead.
-            if g.cr4 & CR4_SMAP and rights & ACC_U:
+            # and flips it back).  Under SMAP, or with protection keys, that would hide
+            # the page's U bit from the SMAP or PKRU check, so emulate the write instead.
+            if (g.cr4 & CR4_SMAP or g.pk_active) and rights & ACC_U:
                 spte = self._leaf_value(vcpu, sp, gfn, rights, dirty, leaf)
                 self.set_spte(sp, idx, spte & ~SPTE_W)
                 return EMULATE, walk.paddr
             rights = (rights | ACC_W) & ~ACC_U
             if sp.role.smep_andnot_wp:
                 rights &= ~ACC_X     # a supervisor fetch from a user page must still fault under SMEP
+        elif (write and not user and g.pk_active and rights & ACC_U and not g.cr0 & CR0_WP
+              and g.pkru >> (2 * walk.pkey + 1) & 1):
+            # PKRU.WD binds a supervisor write only with CR0.WP=1, and the hardware runs
+            # with WP=1: it would refuse this write the guest allows, so emulate it
+            self.set_spte(sp, idx, self._leaf_value(vcpu, sp, gfn, rights, dirty, leaf))
+            return EMULATE, walk.paddr
         spte = self._leaf_value(vcpu, sp, gfn, rights, dirty, leaf)
         if not spte & SPTE_P:
             self.set_spte(sp, idx, spte)
