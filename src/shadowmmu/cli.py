@@ -33,7 +33,12 @@ def cmd_walk(args) -> int:
             image = f.read()
     except OSError as e:
         raise UsageError(f"cannot read memory image {args.image!r}: {e.strerror}") from None
+    if not image:
+        raise UsageError(f"memory image {args.image!r} is empty")
     size = max(4096, (len(image) + 4095) & ~4095)
+    if len(image) % 4096:
+        print(f"note: the image is {len(image):,} bytes, not a whole number of 4 KB frames; "
+              f"its last frame is padded with zeros to {size:#x}")
     if args.memory_size:
         if args.memory_size < len(image):
             raise UsageError(f"--memory-size {args.memory_size:#x} is smaller than the image ({len(image):#x} bytes)")
@@ -61,6 +66,7 @@ def cmd_walk(args) -> int:
         access |= Access.USER
     elif args.implicit:
         access |= Access.IMPLICIT
+    faulted = False
     for vaddr in args.address:
         try:
             lines = narrate(mem, cpu, vaddr, access, set_ad=args.set_ad)
@@ -71,7 +77,8 @@ def cmd_walk(args) -> int:
             raise UsageError(str(e)) from None
         for line in lines:
             print(line)
-    return 0
+        faulted |= any(line.startswith(("#PF", "#GP")) for line in lines)
+    return 1 if faulted else 0
 
 
 # --- bench --------------------------------------------------------------------
@@ -81,7 +88,8 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--pages must be positive, got {args.pages}")
     if args.what == "walk":
         from .analysis.bench_walk import bench_walk
-        rows = bench_walk(args.pages)
+        with console.status(f"bench walk: {args.pages} pages per paging mode, then volatility3 ..."):
+            rows = bench_walk(args.pages)
         t = Table(title=f"page walks per second ({args.pages} mapped 4K pages, random order)")
         for col in ("mode", "cold walks/s", "TLB hits/s", "volatility3 walks/s", "ours / volatility3"):
             t.add_column(col, justify="right")
@@ -95,7 +103,8 @@ def cmd_bench(args) -> int:
     if args.what == "mmu":
         from .analysis.bench_mmu import bench_mmu
         for guest in args.guest:
-            rows = bench_mmu(guest, args.pages)
+            with console.status(f"bench mmu: {guest} guest, {args.pages} demand faults x 3 per policy ..."):
+                rows = bench_mmu(guest, args.pages)
             t = Table(title=f"shadow MMU, {guest} guest: {args.pages} demand faults (median of 3 runs), "
                             "then warm accesses")
             for col in ("policy", "demand faults/s", "exits/fault", "warm TLB-hit accesses/s",
@@ -117,7 +126,8 @@ def cmd_bench(args) -> int:
             t.add_column(col, justify="right")
         for guest in args.guest:
             for policy in ("native", "zap", "update"):
-                r = run_workload(make_vm(policy, "kbuild", guest=guest), "kbuild", guest=guest)
+                with console.status(f"bench kbuild: {guest} guest, {policy} ..."):
+                    r = run_workload(make_vm(policy, "kbuild", guest=guest), "kbuild", guest=guest)
                 ev = r["guest_events"]
                 t.add_row(guest, policy, f"{r['accesses']:,}", f"{ev['user_accesses']:,}", f"{r['seconds']:.2f}",
                           f"{r['accesses'] / r['seconds']:,.0f}", f"{ev['user_accesses'] / r['seconds']:,.0f}")
@@ -136,7 +146,9 @@ def cmd_bench(args) -> int:
         for col in ("guest RAM", "boot", "host frames after boot", "peak RSS after boot", "run", "host frames",
                     "peak RSS"):
             t.add_column(col, justify="right")
-        for r in bench_ram(args.sizes, args.frames, args.touch):
+        with console.status(f"bench ram: {len(args.sizes)} guest sizes, one process each ..."):
+            results = list(bench_ram(args.sizes, args.frames, args.touch))
+        for r in results:
             size = f"{r['ram_mb'] // 1024} GB" if r["ram_mb"] >= 1024 else f"{r['ram_mb']} MB"
             if "error" in r:
                 t.add_row(size, r["error"], "", "", "", "", "")
@@ -610,7 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    w = sub.add_parser("walk", help="narrate a page walk in a raw physical memory image")
+    w = sub.add_parser("walk", help="narrate a page walk in a raw physical memory image",
+                       description="Narrate the walk of each address: every entry read, then the physical "
+                       "address and rights, or the #PF with its error code and the rule that faulted. Exit "
+                       "status: 0 when every address translated, 1 when one faulted (#PF or #GP), 2 for bad "
+                       "arguments or an unreadable image.")
     w.add_argument("image", help="raw file of physical memory, starting at physical address 0")
     w.add_argument("address", type=_int, nargs="+", help="linear address(es) to translate")
     w.add_argument("--mode", help="32 | pae | 64 | 5-level: typical CR0/CR4/EFER for that mode")
@@ -648,10 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cases", type=int, help="random paging cases checked against QEMU's MMU")
     c.add_argument("--lockstep", action="store_true", help="native vs shadow lockstep campaign")
     c.add_argument("--steps", type=int, default=10_000, help="lockstep steps per guest format and policy")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--guest", choices=("32", "pae", "64", "la57"), help="default: all four")
-    c.add_argument("--policy", choices=("zap", "update"))
-    c.add_argument("--seed-bug", action="store_true", help="use the seed's update_pte access bits (U|W)")
+    c.add_argument("--seed", type=int, default=0, help="random seed of the programs or cases (default: 0); "
+                   "not to be confused with 'the seed', the 2007 KVM commit this project models")
+    c.add_argument("--guest", choices=("32", "pae", "64", "la57"), help="guest paging format (default: all four)")
+    c.add_argument("--policy", choices=("zap", "update"), help="pte-write policy (default: both)")
+    c.add_argument("--update-pte-bug", "--seed-bug", dest="seed_bug", action="store_true",
+                   help="restore the seed commit's update_pte rights bug (U|W whatever the upper levels allow); "
+                        "--seed-bug is the older name")
     c.add_argument("--jobs", type=int, help="lockstep: local worker processes (default: the CPU count; 1: "
                    "in this process), or the size of the LocalCluster --engine dask starts")
     c.add_argument("--engine", choices=("local", "dask"), default="local",
