@@ -73,7 +73,7 @@ def test_a_chunk_found_by_a_campaign_is_the_chunk_its_seed_reruns():
     assert (first.chunk.index, first.chunk.seed, first.steps_run) == (1, s, m)
     assert [r.chunk.index for r in report.results] == [0, 1]          # chunks 2 and 3 never ran
     assert report.reproduce() == (f"shadowmmu selfcheck --lockstep --guest 64 --policy update --seed {s} "
-                                  f"--steps {m} --seed-bug")
+                                  f"--steps {m} --update-pte-bug")
     alone = run_chunk(Chunk("64", "update", 0, s, m, BUG))
     assert outcome(alone)[1:] == outcome(first)[1:]
     assert alone.divergence.step == first.divergence.step
@@ -178,7 +178,7 @@ def test_a_state_file_of_other_arguments_is_refused(tmp_path):
         StateFile(path, Params(("32",), ("zap",), 300, 0, 50))
     with pytest.raises(CampaignError, match=r"--guest 32 there, 64 here"):
         StateFile(path, Params(("64",), ("zap",), 150, 0, 50))
-    with pytest.raises(CampaignError, match=r"options \(--seed-bug\) none there, seed_bug=True here"):
+    with pytest.raises(CampaignError, match=r"options \(--update-pte-bug\) none there, seed_bug=True here"):
         StateFile(path, Params(("32",), ("zap",), 150, 0, 50, BUG))
     other = tmp_path / "notes.txt"
     other.write_text("hello\n")
@@ -214,10 +214,10 @@ def test_cli_campaign_resumes_from_its_state_file(tmp_path, capsys):
 def test_cli_divergence_prints_the_story_and_the_reproducing_command(capsys):
     base, s, m = bug_seeds()
     assert main(["selfcheck", "--lockstep", "--steps", str(4 * C), "--chunk-steps", str(C), "--seed", str(base),
-                 "--guest", "64", "--policy", "update", "--seed-bug", "--jobs", "1"]) == 1
+                 "--guest", "64", "--policy", "update", "--update-pte-bug", "--jobs", "1"]) == 1
     out = capsys.readouterr().out
     assert f"divergence in chunk 1 (seed {s})" in out
-    assert f"reproduce: shadowmmu selfcheck --lockstep --guest 64 --policy update --seed {s} --steps {m} --seed-bug" \
+    assert f"reproduce: shadowmmu selfcheck --lockstep --guest 64 --policy update --seed {s} --steps {m} --update-pte-bug" \
         in out
     assert "program:" in out                    # the shrunk story
 

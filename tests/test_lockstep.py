@@ -14,6 +14,11 @@ from shadowmmu.vm.lockstep import (
 )
 from shadowmmu.x86.formats import PagingMode
 
+
+def execute_read(vm, va):
+    from shadowmmu.vm.lockstep import execute
+    return execute(vm, Op("read", (va, 0, 8)), PagingMode.LEVEL4)
+
 FORMATS = ("32", "pae", "64", "la57")
 POLICIES = ("zap", "update")
 
@@ -208,3 +213,45 @@ def test_a_guest_that_skips_invlpg_may_see_the_old_translation_and_nothing_else(
     d = ls2.step(2, program[2], program)
     assert d is not None and d.what == "different outcome"
     assert d.shadow == ("value", 0xBAD) and d.native == ("value", 0x1111111111111111)
+
+
+def test_pkru_write_disable_does_not_bind_a_supervisor_write_under_cr0_wp0():
+    """PKRU.WD binds supervisor writes only with CR0.WP=1; the hardware under a shadow
+    MMU always runs with WP=1, so the MMU must emulate the write the guest allows
+    (found by the pkeys scenario: the MMU used to 'fix' the fault forever)."""
+    mode = PagingMode.LEVEL4
+    va = compose_va(mode, (1, 0, 0, 0))
+    program = [
+        Op("pke", (True,)),
+        Op("pkru", (0x80000000,)),                                # key 15: write-disable
+        Op("wp", (False,)),
+        Op("map", (va, 1, (15 << 59) | (DATA[0] << 12) | 0x67)),  # user page, key 15
+        Op("store", (va | 0xFFC, 0, 1, 0x10)),                    # supervisor write: allowed
+        Op("read", (va | 0xFFC, 0, 1)),
+    ]
+    for policy in POLICIES:
+        ls = Lockstep(mode, policy)
+        assert ls.run(program) is None
+        assert ls.native.vcpu.load(va | 0xFFC, 1) == 0x10
+
+
+def test_the_wp0_trick_never_hides_a_user_page_from_its_protection_key():
+    """The CR0.WP=0 trick maps a read-only page writable and supervisor-only; for a
+    user page under CR4.PKE that would exempt supervisor accesses from PKRU (keys bind
+    user pages only), so the write is emulated and the page stays a user page."""
+    mode = PagingMode.LEVEL4
+    va = compose_va(mode, (1, 0, 0, 0))
+    program = [
+        Op("pke", (True,)),
+        Op("wp", (False,)),
+        Op("map", (va, 1, (1 << 59) | (DATA[0] << 12) | 0x65)),   # read-only user page, key 1
+        Op("store", (va, 0, 8, 0x4242)),                          # supervisor write, WP=0: allowed
+        Op("pkru", (0x4,)),                                       # key 1: access-disable
+        Op("read", (va, 0, 8)),                                   # natively #PF with PK
+    ]
+    for policy in POLICIES:
+        ls = Lockstep(mode, policy)
+        assert ls.run(program) is None
+    ls = Lockstep(mode, "update", audit=False)
+    ls.run(program[:-1])
+    assert execute_read(ls.native, va) == ("#PF", va, 0x21)       # PK | P, supervisor read

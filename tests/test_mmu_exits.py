@@ -65,11 +65,14 @@ def test_update_does_not_fire_for_a_pte_written_with_a_clear():
     v.store(USER_BASE, 1, 8)
     v.set_cpl(0)
     pte_addr = g.pte_addr(USER_BASE + 4096)
+    updates, pte_writes = vm.mmu.stats["pte_updates"], vm.events.exits["pte_write"]
     v.store(pte_addr, (0x300 << 12) | 0x7, 8)          # P|W|U, A=0, D=0
+    assert vm.events.exits["pte_write"] == pte_writes + 1
+    assert vm.mmu.stats["pte_updates"] == updates      # the trapped write installed nothing
     before = dict(vm.events.exits)
     v.set_cpl(3)
     assert v.load(USER_BASE + 4096, 8) == 0
     assert vm.events.exits["pf_fixed"] == before.get("pf_fixed", 0) + 1
     v.set_cpl(0)
-    assert v.load(pte_addr, 8) & 0x20                    # the guest's A bit got set
+    assert v.load(pte_addr, 8) == (0x300 << 12) | 0x27   # the guest's A bit got set (a read: D stays 0)
     vm.audit()

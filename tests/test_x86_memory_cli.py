@@ -59,7 +59,7 @@ def test_walk_command_narrates_each_level_and_the_fault(image_4level, capsys):
     rc = main(["walk", str(path), "0x7fff00001234", "--mode", "64", "--cr3", hex(root),
                "--cpl", "3", "--access", "write"])
     out = capsys.readouterr().out
-    assert rc == 0
+    assert rc == 1                                   # the documented status of a walk that faults
     for name in ("PML4E", "PDPTE", "PDE", "PTE"):
         assert name in out
     assert "#PF at 0x7fff00001234: error code 0x7 (P|W|U): protection violation, write, user mode" in out

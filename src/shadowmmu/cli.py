@@ -33,7 +33,12 @@ def cmd_walk(args) -> int:
             image = f.read()
     except OSError as e:
         raise UsageError(f"cannot read memory image {args.image!r}: {e.strerror}") from None
+    if not image:
+        raise UsageError(f"memory image {args.image!r} is empty")
     size = max(4096, (len(image) + 4095) & ~4095)
+    if len(image) % 4096:
+        print(f"note: the image is {len(image):,} bytes, not a whole number of 4 KB frames; "
+              f"its last frame is padded with zeros to {size:#x}")
     if args.memory_size:
         if args.memory_size < len(image):
             raise UsageError(f"--memory-size {args.memory_size:#x} is smaller than the image ({len(image):#x} bytes)")
@@ -61,6 +66,7 @@ def cmd_walk(args) -> int:
         access |= Access.USER
     elif args.implicit:
         access |= Access.IMPLICIT
+    faulted = False
     for vaddr in args.address:
         try:
             lines = narrate(mem, cpu, vaddr, access, set_ad=args.set_ad)
@@ -71,7 +77,8 @@ def cmd_walk(args) -> int:
             raise UsageError(str(e)) from None
         for line in lines:
             print(line)
-    return 0
+        faulted |= any(line.startswith(("#PF", "#GP")) for line in lines)
+    return 1 if faulted else 0
 
 
 # --- bench --------------------------------------------------------------------
@@ -81,7 +88,8 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--pages must be positive, got {args.pages}")
     if args.what == "walk":
         from .analysis.bench_walk import bench_walk
-        rows = bench_walk(args.pages)
+        with console.status(f"bench walk: {args.pages} pages per paging mode, then volatility3 ..."):
+            rows = bench_walk(args.pages)
         t = Table(title=f"page walks per second ({args.pages} mapped 4K pages, random order)")
         for col in ("mode", "cold walks/s", "TLB hits/s", "volatility3 walks/s", "ours / volatility3"):
             t.add_column(col, justify="right")
@@ -95,7 +103,8 @@ def cmd_bench(args) -> int:
     if args.what == "mmu":
         from .analysis.bench_mmu import bench_mmu
         for guest in args.guest:
-            rows = bench_mmu(guest, args.pages)
+            with console.status(f"bench mmu: {guest} guest, {args.pages} demand faults x 3 per policy ..."):
+                rows = bench_mmu(guest, args.pages)
             t = Table(title=f"shadow MMU, {guest} guest: {args.pages} demand faults (median of 3 runs), "
                             "then warm accesses")
             for col in ("policy", "demand faults/s", "exits/fault", "warm TLB-hit accesses/s",
@@ -117,10 +126,36 @@ def cmd_bench(args) -> int:
             t.add_column(col, justify="right")
         for guest in args.guest:
             for policy in ("native", "zap", "update"):
-                r = run_workload(make_vm(policy, "kbuild", guest=guest), "kbuild", guest=guest)
+                with console.status(f"bench kbuild: {guest} guest, {policy} ..."):
+                    r = run_workload(make_vm(policy, "kbuild", guest=guest), "kbuild", guest=guest)
                 ev = r["guest_events"]
                 t.add_row(guest, policy, f"{r['accesses']:,}", f"{ev['user_accesses']:,}", f"{r['seconds']:.2f}",
                           f"{r['accesses'] / r['seconds']:,.0f}", f"{ev['user_accesses'] / r['seconds']:,.0f}")
+        console.print(t)
+        return 0
+    if args.what == "ram":
+        from .analysis.bench_ram import bench_ram
+        if any(mb <= 0 or mb > 65536 for mb in args.sizes):
+            raise UsageError("--sizes are guest RAM sizes in MB, from 1 to 65536 (64 GiB)")
+        if args.touch <= 0:
+            raise UsageError(f"--touch must be positive, got {args.touch}")
+        t = Table(title=f"64-bit guest, update policy, {args.frames} frames: boot, then one process writes "
+                        f"{args.touch:,} fresh pages (each guest in its own process)",
+                  caption="peak RSS: the whole Python process (the interpreter and shadowmmu alone take about "
+                          "20 MB); host frames: 4 KB frames of guest RAM and shadow pages actually allocated")
+        for col in ("guest RAM", "boot", "host frames after boot", "peak RSS after boot", "run", "host frames",
+                    "peak RSS"):
+            t.add_column(col, justify="right")
+        with console.status(f"bench ram: {len(args.sizes)} guest sizes, one process each ..."):
+            results = list(bench_ram(args.sizes, args.frames, args.touch))
+        for r in results:
+            size = f"{r['ram_mb'] // 1024} GB" if r["ram_mb"] >= 1024 else f"{r['ram_mb']} MB"
+            if "error" in r:
+                t.add_row(size, r["error"], "", "", "", "", "")
+                continue
+            t.add_row(size, f"{r['boot_seconds']:.2f} s", f"{r['boot_host_frames']:,}",
+                      f"{r['boot_peak_rss_mb']:.0f} MB", f"{r['run_seconds']:.2f} s", f"{r['host_frames']:,}",
+                      f"{r['peak_rss_mb']:.0f} MB")
         console.print(t)
         return 0
     raise UsageError(f"unknown benchmark {args.what!r}")
@@ -302,185 +337,340 @@ def cmd_trace(args) -> int:
 
 # --- run / compare ------------------------------------------------------------
 def _progress_runner(console, label):
-    """A progress bar for long runs: returns (context manager, callback(fraction))."""
+    """A progress bar for long runs: returns (context manager, callback(fraction[, phase]));
+    a phase (e.g. the boot) is shown beside the label until the callback says None."""
     from rich.progress import Progress
     progress = Progress(console=console, transient=True)
     task = progress.add_task(label, total=1.0)
-    return progress, lambda frac: progress.update(task, completed=frac)
+    phase_now = [None]
+
+    def update(frac, *phase):
+        if phase and phase[0] != phase_now[0]:
+            phase_now[0] = phase[0]
+            progress.update(task, description=label if phase[0] is None else f"{label}: {phase[0]}")
+        progress.update(task, completed=frac)
+    return progress, update
+
+
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
+def _check_plot_path(path) -> str | None:
+    """Refuse a --plot path that cannot be written *before* the run (absolute path, or None)."""
+    import os
+    if not path:
+        return None
+    if os.path.isdir(path):
+        raise UsageError(f"--plot {path!r} is a directory; give a file name ending in "
+                         f"{' or '.join(PLOT_FORMATS)}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in PLOT_FORMATS:
+        raise UsageError(f"--plot {path!r}: the file name must end in {', '.join(PLOT_FORMATS)}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot write the plot to {path!r}: directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"cannot write the plot to {path!r}: permission denied")
+    return os.path.abspath(path)
 
 
 def _validate_run_args(args) -> None:
+    """Everything a run needs, checked before anything boots."""
     from .analysis.costs import PRESETS
-    from .guest import WORKLOADS
-    for w in getattr(args, "workloads", None) or [getattr(args, "workload", None)]:
-        if w is not None and w not in WORKLOADS:
-            raise UsageError(f"unknown workload {w!r}; choose one of {', '.join(WORKLOADS)}")
+    from .analysis.report import check_args
     if args.costs not in PRESETS:
         raise UsageError(f"unknown cost preset {args.costs!r}; choose one of {', '.join(PRESETS)}")
     if getattr(args, "size", None) is not None and args.size <= 0:
         raise UsageError(f"--size must be a positive integer, got {args.size}")
+    workloads = getattr(args, "workloads", None) or [getattr(args, "workload", None)]
+    guests = getattr(args, "guest", None)
+    guests = [guests] if isinstance(guests, str) else (guests or ["32", "pae", "64"])
+    for w in workloads:
+        if w is None:
+            continue
+        for g in guests:
+            for fr in _frames_of(args, w):
+                try:
+                    check_args(w, g, args.size, fr, args.pae_stores)
+                except ValueError as e:
+                    raise UsageError(str(e)) from None
+    args.plot = _check_plot_path(getattr(args, "plot", None))
+
+
+def _frames_of(args, workload: str) -> list[str]:
+    """compare: demand both warm and cold unless --frames says which; others warm."""
+    frames = getattr(args, "frames", None)
+    if isinstance(frames, str):
+        return [frames]
+    if frames:
+        return list(frames)
+    return ["warm", "cold"] if workload == "demand" else ["warm"]
 
 
 def _console(stderr: bool = False) -> Console:
     """Tables are wide: when the output is not a terminal, do not squeeze them into 80 columns."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, width=None if stream.isatty() else 132)
+    return Console(stderr=stderr, width=None if stream.isatty() else 140)
 
 
-def _plot(plot_reports, reports, path: str) -> None:
+def _plot(plot_fn, data, path: str) -> None:
     try:
-        plot_reports(reports, path)
+        plot_fn(data, path)
     except OSError as e:
         raise UsageError(f"cannot write the plot to {path!r}: {e.strerror}") from None
     except ValueError as e:            # e.g. an extension matplotlib does not know
         raise UsageError(f"cannot write the plot to {path!r}: {e}") from None
+    print(f"figure written to {path}", file=sys.stderr)
 
 
 def _fmt(x, digits=2):
     return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
+def _steady_text(pf: dict) -> str:
+    """The steady-state exits per fault: an integer when every such fault cost the same."""
+    if pf["steady"] is None:
+        return "-"
+    hist = pf["steady_histogram"] or {}
+    return str(next(iter(hist))) if len(hist) == 1 else f"{pf['steady']:.2f}"
+
+
+def _other_text(pf: dict) -> str:
+    return "-" if not pf["other_faults"] else f"{pf['other']:.2f} ×{pf['other_faults']}"
+
+
 def cmd_run(args) -> int:
     import json
-    from .analysis.report import run_report
+    from .analysis.report import guest_label, run_report
     _validate_run_args(args)
     console = _console(args.json)
     policy = "native" if args.native else args.policy
     progress, cb = _progress_runner(console, f"{args.workload} ({args.guest}, {policy})")
     with progress:
-        rep = run_report(args.workload, policy, args.guest, args.size, args.seed, args.costs, progress=cb)
+        rep = run_report(args.workload, policy, args.guest, args.size, args.seed, args.costs, progress=cb,
+                         frames=args.frames, pae_stores=args.pae_stores)
     if args.plot:
         from .analysis.plots import plot_reports
         _plot(plot_reports, [rep], args.plot)
     if args.json:
-        print(json.dumps(rep, indent=2, default=str))
+        print(json.dumps(rep, indent=2))
         return 0
-    t = Table(title=f"{args.workload} on a {args.guest} guest, policy {policy}")
+    native = policy == "native"
+    t = Table(title=f"{args.workload} (size {rep['size']}) on a {guest_label(args.guest, args.pae_stores)} guest, "
+                    f"{'native paging' if native else 'shadow paging, policy ' + policy}, {args.frames} frames")
     t.add_column("guest event")
     t.add_column("count", justify="right")
     for k, v in rep["guest_events"].items():
         t.add_row(k, f"{v:,}")
     console.print(t)
-    e = Table(title="VM exits during the workload")
+    est = rep["estimate"]
+    if native:
+        console.print("no hypervisor: no VM exits")
+        console.print(f"estimated time ({est['preset']}): native {est['native']['seconds'] * 1e3:.3f} ms "
+                      f"(work per user access {est['work_per_access_cycles']:.0f} cycles, fitted to 484 s / 265 s)")
+        return 0
+    e = Table(title="VM exits during the workload (boot excluded)")
     e.add_column("reason")
-    e.add_column("exits", justify="right")
-    for k, v in rep["exits"]["by_reason"].items():
-        if v:
-            e.add_row(k, f"{v:,}")
+    e.add_column("VM exits", justify="right")
+    for k, v in (rep["exits"]["by_reason"] or {}).items():
+        e.add_row(k, f"{v:,}")
     e.add_row("total", f"{rep['exits']['total']:,}")
     console.print(e)
-    console.print(f"exits per demand fault: {_fmt(rep['exits_per_demand_fault'])} "
-                  f"(typical {_fmt(rep['typical_exits_per_demand_fault'])}); per COW fault: "
-                  f"{_fmt(rep['exits_per_cow_fault'])} (typical {_fmt(rep['typical_exits_per_cow_fault'])})")
-    est = rep["estimate"]
+    for kind in ("demand", "cow"):
+        pf = rep["exits_per_fault"][kind]
+        if pf["mean"] is None:
+            console.print(f"no {kind} faults")
+            continue
+        console.print(f"VM exits per {kind} fault: {_steady_text(pf)} over {pf['steady_faults']:,} steady faults "
+                      f"(table existed, stayed shadowed); {_other_text(pf)} other; mean {_fmt(pf['mean'])}")
     console.print(f"estimated time ({est['preset']}): shadow {est['shadow']['seconds'] * 1e3:.3f} ms, "
                   f"native {est['native']['seconds'] * 1e3:.3f} ms, slowdown {est['slowdown']:.2f}x "
-                  f"(work per user access {est['work_per_access_cycles']:.0f} cycles, fitted)")
+                  f"(work per user access {est['work_per_access_cycles']:.0f} cycles, fitted to 484 s / 265 s)")
     return 0
+
+
+def prediction_lines(p: dict) -> list[str]:
+    """The kbuild prediction as printed under the compare table."""
+    from .analysis.costs import CR_WORK
+    from .analysis.report import guest_label
+    at = "" if p["size"] is None and p["seed"] == 0 else f" (size {p['size'] or 'default'}, seed {p['seed']})"
+    s = p["sensitivity"]
+    head = (f"kbuild{at}, {guest_label(p['guest'], p['pae_stores'] or 'halves')} guest, {p['frames']} frames: "
+            f"update predicted {p['predicted_update_speedup'] * 100:.1f}% faster than zap (the seed reports about 10%).")
+    if p["x_ratio"] == 1:
+        return [head, "  update removes no exit here (X_update = X_zap): every pte store is two 4-byte halves and "
+                      "update_pte acts on whole-pte writes only."]
+
+    def pct(v):
+        return f"{v * 100:+.1f}%"
+    crs = [(k.rsplit("_", 1)[1], v) for k, v in s.items() if k.startswith("cr_invlpg")]
+    frames = [(k.split("_", 1)[1], v) for k, v in s.items() if k.startswith("frames_")]
+    presets = [(k[7:], v) for k, v in s.items() if k.startswith("preset_")]
+    return [
+        head,
+        f"  = (1 - X_update/X_zap) x 219/484 = (1 - {p['x_ratio']:.3f}) x 0.452 (X: exit cycles, {p['preset']} "
+        "prices): an identity,",
+        f"    the fitted work per access ({p['work_per_access']:.0f} cycles) cancels out"
+        + (" (exactly on the default kbuild, where it is fitted)." if at else "."),
+        "  Sensitivity to the exit mix: kernel-side exits update does not remove, 25% / 50% of zap's exit cycles: "
+        f"{pct(s['kernel_side_25pct'])} / {pct(s['kernel_side_50pct'])};",
+        "    " + "; ".join(f"{f} frames: {pct(v)}" for f, v in frames)
+        + f"; CR3/INVLPG exits at round trip {' / '.join('+' + c for c, _ in crs)} cycles (assumed +{CR_WORK}): "
+        + " / ".join(pct(v) for _, v in crs) + ";",
+        "    " + "; ".join(f"preset {n}: {pct(v)}" for n, v in presets),
+    ]
+
+
+def compare_data(args, progress_cb=None) -> dict:
+    """The reports and predictions of ``compare`` (also what --json prints)."""
+    from .analysis.report import POLICIES, SCHEMA, prediction, run_report
+    workloads = args.workloads
+    guests = args.guest
+    jobs = [(w, fr, g, p) for w in workloads for fr in _frames_of(args, w) for g in guests for p in POLICIES]
+    reports = []
+    for i, (w, fr, g, p) in enumerate(jobs):
+        reports.append(run_report(w, p, g, args.size, args.seed, args.costs, frames=fr, pae_stores=args.pae_stores))
+        if progress_cb:
+            progress_cb((i + 1) / (len(jobs) + (len(guests) if "kbuild" in workloads else 0)))
+    preds = []
+    if "kbuild" in workloads:
+        for j, g in enumerate(guests):
+            preds.append(prediction(g, args.costs, args.size, args.seed, frames=_frames_of(args, "kbuild")[0],
+                                    pae_stores=args.pae_stores))
+            if progress_cb:
+                progress_cb((len(jobs) + j + 1) / (len(jobs) + len(guests)))
+    return {"schema": SCHEMA, "preset": args.costs, "reports": reports, "predictions": preds or None}
 
 
 def cmd_compare(args) -> int:
     import json
-    from .analysis.report import DEFAULT_COMPARE, POLICIES, prediction, run_report
+    from .analysis.report import DEFAULT_COMPARE, guest_label
+    args.workloads = args.workloads or list(DEFAULT_COMPARE)
+    args.guest = args.guest or ["32", "pae", "64"]
     _validate_run_args(args)
     console = _console(args.json)
-    workloads = args.workloads or list(DEFAULT_COMPARE)
-    guests = args.guest or ["32", "pae", "64"]
-    reports = []
     progress, cb = _progress_runner(console, "compare")
-    jobs = [(w, g, p) for w in workloads for g in guests for p in POLICIES]
     with progress:
-        for i, (w, g, p) in enumerate(jobs):
-            reports.append(run_report(w, p, g, args.size, args.seed, args.costs))
-            cb((i + 1) / len(jobs))
-        preds = {g: prediction(g, args.costs) for g in guests} if "kbuild" in workloads else {}
+        data = compare_data(args, cb)
     if args.plot:
-        from .analysis.plots import plot_reports
-        _plot(plot_reports, reports, args.plot)
+        from .analysis.plots import plot_compare
+        _plot(plot_compare, data, args.plot)
     if args.json:
-        print(json.dumps({"reports": reports, "predictions": preds}, indent=2, default=str))
+        print(json.dumps(data, indent=2))
         return 0
     t = Table(title=f"shadow paging policies side by side (time estimate: {args.costs})")
-    for col in ("workload", "guest", "policy", "exits per\ndemand fault", "exits per\nCOW fault", "exits",
-                "injected/pte write/\nfixed/other", "estimated\ntime", "vs zap"):
+    for col in ("workload", "guest", "policy", "demand fault\nVM exits:\nsteady", "other\nfaults", "COW fault\n"
+                "VM exits:\nsteady", "other\nfaults", "VM exits", "injected/pte write/\nfixed/other",
+                "estimated\ntime", "vs zap"):
         t.add_column(col, justify="right")
     base = {}
     last = None
-    for r in reports:
-        by = r["exits"]["by_reason"]
-        secs = r["estimate"]["shadow"]["seconds"] if r["policy"] != "native" else r["estimate"]["native"]["seconds"]
-        key = (r["workload"], r["guest"])
+    for r in data["reports"]:
+        by = r["exits"]["by_reason"] or {}
+        native = r["policy"] == "native"
+        secs = r["estimate"]["native" if native else "shadow"]["seconds"]
+        wl = r["workload"] + (", cold" if r["frames"] == "cold" else "")
+        key = (wl, r["guest"])
         if r["policy"] == "zap":
             base[key] = secs
         main3 = [by.get(k, 0) for k in ("pf_injected", "pte_write", "pf_fixed")]
         other = r["exits"]["total"] - sum(main3)
-        vs = f"{(1 - secs / base[key]) * 100:+.1f}%" if key in base and r["policy"] != "zap" else ""
-        native = r["policy"] == "native"
-
-        def per(kind):
-            typ, mean = r[f"typical_exits_per_{kind}_fault"], r[f"exits_per_{kind}_fault"]
-            return "0" if native else ("-" if typ is None else f"{typ} ({mean:.2f})")
-        if last is not None and last != key[0]:
+        vs = f"{(1 - secs / base[key]) * 100:+.1f}%" if key in base and r["policy"] == "update" else ""
+        pf = r["exits_per_fault"]
+        cells = []
+        for kind in ("demand", "cow"):
+            cells += ["0", ""] if native else [_steady_text(pf[kind]), _other_text(pf[kind])]
+        if last is not None and last != wl:
             t.add_section()
-        last = key[0]
-        t.add_row(r["workload"], r["guest"], r["policy"], per("demand"), per("cow"), f"{r['exits']['total']:,}",
+        last = wl
+        t.add_row(wl, guest_label(r["guest"], args.pae_stores), r["policy"], *cells,
+                  "" if native else f"{r['exits']['total']:,}",
                   "" if native else "/".join(f"{x:,}" for x in (*main3, other)), f"{secs * 1e3:.2f} ms", vs)
     console.print(t)
-    console.print("Exits per fault: the typical count (the steady state), then the mean over every fault.")
-    for g, p in preds.items():
-        sens = ", ".join(f"{k}: {v * 100:+.1f}%" for k, v in p["sensitivity"].items())
-        console.print(f"kbuild, {g} guest: update predicted {p['predicted_update_speedup'] * 100:.1f}% faster than "
-                      f"zap (the seed reports about 10%); work per user access fitted to "
-                      f"{p['work_per_access']:.0f} cycles; sensitivity: {sens}")
+    for line in COMPARE_KEY:
+        console.print(line, highlight=False)
+    for p in data["predictions"] or []:
+        for line in prediction_lines(p):
+            console.print(line, highlight=False)
     return 0
+
+
+COMPARE_KEY = (
+    "Steady: VM exits per fault whose page table existed and stayed shadowed, no shadow page made or zapped meanwhile",
+    "  (an integer when all cost the same, else their mean). Other faults: mean VM exits x number of all the others",
+    "  (a new page table, a table not shadowed -- a child's after fork, or flooded --, a new shadow page).",
+    "Frames warm: boot zeroed all RAM, so the direct map is already shadowed; cold: each frame first touched when "
+    "allocated.",
+    "pae: i386 Linux's set_pte, two 4-byte stores per pte; pae8 (--pae-stores whole): one 8-byte store.",
+)
 
 
 # --- demo ---------------------------------------------------------------------
 def cmd_demo(args) -> int:
     """The main job: one demand fault told under each policy, then the comparison
     that reproduces the seed's table and its kbuild prediction."""
+    plot = _check_plot_path(args.plot)             # before the trace, so a bad path costs nothing
     cmd_trace(argparse.Namespace(policy=None, guest="64"))
     return cmd_compare(argparse.Namespace(workloads=[], guest=None, size=None, seed=0, costs="p4-2006",
-                                          json=False, plot=args.plot))
+                                          json=False, plot=plot, frames=None, pae_stores="halves"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shadowmmu", description="x86 MMU virtualization model")
+    from . import __version__
+    p = argparse.ArgumentParser(prog="shadowmmu", description="x86 MMU virtualization model: KVM's 2007 shadow "
+                                "MMU, the paging hardware it virtualizes, guests and cost models")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    w = sub.add_parser("walk", help="narrate a page walk in a raw physical memory image")
+    w = sub.add_parser("walk", help="narrate a page walk in a raw physical memory image",
+                       description="Narrate the walk of each address: every entry read, then the physical "
+                       "address and rights, or the #PF with its error code and the rule that faulted. Exit "
+                       "status: 0 when every address translated, 1 when one faulted (#PF or #GP), 2 for bad "
+                       "arguments or an unreadable image.")
     w.add_argument("image", help="raw file of physical memory, starting at physical address 0")
     w.add_argument("address", type=_int, nargs="+", help="linear address(es) to translate")
     w.add_argument("--mode", help="32 | pae | 64 | 5-level: typical CR0/CR4/EFER for that mode")
-    w.add_argument("--cr0", type=_int)
-    w.add_argument("--cr3", type=_int)
-    w.add_argument("--cr4", type=_int)
-    w.add_argument("--efer", type=_int)
+    w.add_argument("--cr0", type=_int, help="CR0 value (overrides --mode's)")
+    w.add_argument("--cr3", type=_int, help="CR3: physical address of the root table (with --mode or alone)")
+    w.add_argument("--cr4", type=_int, help="CR4 value (overrides --mode's)")
+    w.add_argument("--efer", type=_int, help="IA32_EFER value (overrides --mode's)")
     w.add_argument("--no-nxe", action="store_true", help="with --mode: EFER.NXE=0")
-    w.add_argument("--cpl", type=int, choices=(0, 3), default=0)
-    w.add_argument("--access", choices=("read", "write", "fetch"), default="read")
+    w.add_argument("--cpl", type=int, choices=(0, 3), default=0, help="privilege level of the access (default: 0)")
+    w.add_argument("--access", choices=("read", "write", "fetch"), default="read",
+                   help="kind of access (default: read)")
     w.add_argument("--implicit", action="store_true", help="a supervisor implicit access (SMAP ignores AC)")
     w.add_argument("--ac", action="store_true", help="RFLAGS.AC=1")
-    w.add_argument("--pkru", type=_int, default=0)
-    w.add_argument("--maxphyaddr", type=int, default=52)
+    w.add_argument("--pkru", type=_int, default=0, help="PKRU register, for protection keys (default: 0)")
+    w.add_argument("--maxphyaddr", type=int, default=52,
+                   help="physical address width: higher entry address bits are reserved (default: 52)")
     w.add_argument("--memory-size", type=_int, help="physical memory size (default: the image's size)")
     w.add_argument("--set-ad", action="store_true", help="let the walk set A/D bits (default: inspect only)")
     w.set_defaults(func=cmd_walk)
 
     b = sub.add_parser("bench", help="benchmarks")
-    b.add_argument("what", choices=("walk", "mmu", "kbuild"))
+    b.add_argument("what", choices=("walk", "mmu", "kbuild", "ram"),
+                   help="walk: page walks/s; mmu: demand faults/s per policy; kbuild: simulated accesses/s; ram: "
+                        "boot time and peak RSS against guest RAM size")
     b.add_argument("--pages", type=int, default=4000, help="mapped pages (walk) / demand faults (mmu)")
     b.add_argument("--guest", nargs="+", choices=("32", "pae", "64"), default=["64"], help="mmu/kbuild: guest formats")
+    b.add_argument("--sizes", type=int, nargs="+", default=[64, 1024, 8192, 65536],
+                   help="ram: guest RAM sizes in MB (default: 64 1024 8192 65536)")
+    b.add_argument("--frames", choices=("warm", "cold"), default="cold",
+                   help="ram: cold (frames cleared when allocated, the default) or warm (boot zeroes all RAM)")
+    b.add_argument("--touch", type=int, default=4096, help="ram: pages the workload writes after boot")
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("selfcheck", help="verification campaigns (QEMU differential, lockstep)")
     c.add_argument("--cases", type=int, help="random paging cases checked against QEMU's MMU")
     c.add_argument("--lockstep", action="store_true", help="native vs shadow lockstep campaign")
     c.add_argument("--steps", type=int, default=10_000, help="lockstep steps per guest format and policy")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--guest", choices=("32", "pae", "64", "la57"), help="default: all four")
-    c.add_argument("--policy", choices=("zap", "update"))
-    c.add_argument("--seed-bug", action="store_true", help="use the seed's update_pte access bits (U|W)")
+    c.add_argument("--seed", type=int, default=0, help="random seed of the programs or cases (default: 0); "
+                   "not to be confused with 'the seed', the 2007 KVM commit this project models")
+    c.add_argument("--guest", choices=("32", "pae", "64", "la57"), help="guest paging format (default: all four)")
+    c.add_argument("--policy", choices=("zap", "update"), help="pte-write policy (default: both)")
+    c.add_argument("--update-pte-bug", "--seed-bug", dest="seed_bug", action="store_true",
+                   help="restore the seed commit's update_pte rights bug (U|W whatever the upper levels allow); "
+                        "--seed-bug is the older name")
     c.add_argument("--jobs", type=int, help="lockstep: local worker processes (default: the CPU count; 1: "
                    "in this process), or the size of the LocalCluster --engine dask starts")
     c.add_argument("--engine", choices=("local", "dask"), default="local",
@@ -495,35 +685,57 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_selfcheck)
 
     tr = sub.add_parser("trace", help="narrate one guest event from the VM's event trace")
-    tr.add_argument("what", choices=("demand",))
-    tr.add_argument("--policy", choices=("zap", "update", "native"))
-    tr.add_argument("--guest", choices=("32", "pae", "64"), default="64")
+    tr.add_argument("what", choices=("demand",), help="the event to trace: demand (one demand fault)")
+    tr.add_argument("--policy", choices=("zap", "update", "native"), help="default: zap, then update")
+    tr.add_argument("--guest", choices=("32", "pae", "64"), default="64",
+                    help="guest paging format (default: 64); the traced guest writes whole ptes")
     tr.set_defaults(func=cmd_trace)
 
-    r = sub.add_parser("run", help="run one workload on one MMU configuration")
-    r.add_argument("workload")
-    r.add_argument("--policy", choices=("zap", "update"), default="update")
-    r.add_argument("--guest", choices=("32", "pae", "64"), default="64")
+    from .guest import WORKLOADS
+    units = "; ".join(f"{n}: {w.unit} (default {w.default_size})" for n, w in WORKLOADS.items())
+    workload_help = "; ".join(f"{n}: {w.description}" for n, w in WORKLOADS.items())
+
+    def run_options(q, many: bool) -> None:
+        if many:
+            q.add_argument("--guest", nargs="+", choices=("32", "pae", "64"),
+                           help="guest paging formats (default: 32 pae 64)")
+        else:
+            q.add_argument("--guest", choices=("32", "pae", "64"), default="64",
+                           help="guest paging format: 32-bit, PAE or 4-level (default: 64)")
+        q.add_argument("--size", type=int, help=f"workload size, in the workload's unit: {units}. Sizes that "
+                       "cannot fit the guest's RAM are refused before booting")
+        q.add_argument("--seed", type=int, default=0, help="seed of the workload's data (default: 0)")
+        q.add_argument("--costs", default="p4-2006", help="cost preset for the time estimate: p4-2006 | core2-2006 | "
+                       "modern (default: p4-2006; sources in docs/sources.md)")
+        q.add_argument("--frames", choices=("warm", "cold"), **({"nargs": "+"} if many else {"default": "warm"}),
+                       help="warm: boot zeroes all RAM (the direct map is shadowed before the workload); cold: "
+                            "each frame is first touched when allocated"
+                       + (" (default: demand both ways, the others warm)" if many else " (default: warm)"))
+        q.add_argument("--pae-stores", choices=("halves", "whole"), default="halves",
+                       help="how a PAE guest stores a pte: halves (i386 Linux set_pte: two 4-byte stores, the "
+                            "default) or whole (one 8-byte store)")
+        q.add_argument("--json", action="store_true", help="print JSON (docs/json.md) instead of tables")
+        q.add_argument("--plot", metavar="FILE.png", help="also write a figure (.png, .pdf or .svg); the path is "
+                       "checked before the run")
+
+    r = sub.add_parser("run", help="run one workload on one MMU configuration",
+                       description=f"Run one workload. Workloads: {workload_help}.")
+    r.add_argument("workload", help=f"one of {', '.join(WORKLOADS)}")
+    r.add_argument("--policy", choices=("zap", "update"), default="update",
+                   help="shadow MMU policy on a guest pte write: zap (clear the shadow pte, KVM before the "
+                        "seed) or update (install it from the value written, the seed; default)")
     r.add_argument("--native", action="store_true", help="no hypervisor: the hardware walks the guest's tables")
-    r.add_argument("--size", type=int)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--costs", default="p4-2006", help="cost preset: p4-2006 | core2-2006 | modern")
-    r.add_argument("--json", action="store_true")
-    r.add_argument("--plot", metavar="FILE.png")
+    run_options(r, many=False)
     r.set_defaults(func=cmd_run)
 
-    cp = sub.add_parser("compare", help="native, zap and update side by side (no workloads: the main job)")
-    cp.add_argument("workloads", nargs="*")
-    cp.add_argument("--guest", nargs="+", choices=("32", "pae", "64"))
-    cp.add_argument("--size", type=int)
-    cp.add_argument("--seed", type=int, default=0)
-    cp.add_argument("--costs", default="p4-2006")
-    cp.add_argument("--json", action="store_true")
-    cp.add_argument("--plot", metavar="FILE.png")
+    cp = sub.add_parser("compare", help="native, zap and update side by side (no workloads: the main job)",
+                        description=f"Run workloads natively and under both policies. Workloads: {workload_help}.")
+    cp.add_argument("workloads", nargs="*", help="workloads to compare (default: demand forkwait kbuild)")
+    run_options(cp, many=True)
     cp.set_defaults(func=cmd_compare)
 
     d = sub.add_parser("demo", help="the main job: a demand fault traced, then compare on the default set")
-    d.add_argument("--plot", metavar="FILE.png")
+    d.add_argument("--plot", metavar="FILE.png", help="also write the figure (.png, .pdf or .svg)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -13,9 +13,17 @@ The page cache itself (which frame holds page i of a file) lives in the kernel
 
 from __future__ import annotations
 
+import zlib
+
 M64 = (1 << 64) - 1
 K_FILE = 0x9E3779B97F4A7C15
 K_WORD = 0xD1B54A32D192ED03
+
+
+def file_key(name: str, seed: int) -> int:
+    """The key of a file named ``name`` in a guest booted with ``seed``: a stable
+    hash (CRC-32), not Python's ``hash()``, which changes with PYTHONHASHSEED."""
+    return zlib.crc32(f"{name}\0{seed}".encode())
 
 
 class File:

@@ -12,15 +12,21 @@ Boot.  Paging is off (gva == gpa): the first MB is reserved (BIOS, kernel image)
 boot page tables come from a bump allocator above it ("bootmem", zeroed with
 stores) and map all RAM at PAGE_OFFSET with large pages (4 MB with CR4.PSE on
 the 32-bit format, 2 MB otherwise), supervisor-only, global, A and D set.  CR4.PGE
-is on.  Then every free frame is zeroed through the direct map, as init_on_free
-would do: besides making "free pages are zero" true, this touches every 4 KB
-piece of the direct map once, so under shadow paging the direct map is fully
-shadowed ("warm") before any workload starts and a fault's exit count is the
-steady-state one, not polluted by first kernel touches of a frame.  Boot exits
-are reported apart from the workload's.
+is on.  Frames are cleared when they are allocated (clear_page of a fresh
+anonymous page, as Linux does), never all at boot -- unless ``frames="warm"``:
+then boot also zeroes every free frame through the direct map, as init_on_free
+would do (Linux 2.6 had no such option).  That touches every 4 KB piece of the
+direct map once, so under shadow paging the direct map is fully shadowed before
+any workload starts: the kernel's clear_page of a frame later costs no exit, as
+for a frame recycled in a long-running guest.  ``frames="cold"`` (every frame
+touched for the first time when allocated) is a freshly booted guest: the first
+kernel touch of each frame's direct-map piece takes a hidden #PF.  Cold boot
+costs time and host memory for the pages touched only, so a 64 GiB guest boots
+in well under a second.  Boot exits are reported apart from the workload's.
 
 Frames.  A LIFO free list (the last frame freed is the next allocated, like the
-per-CPU hot list) and a reference count per frame.  A page-cache frame holds a
+per-CPU hot list) in front of the never-used frames, handed out in ascending
+order; a reference count per frame (4 bytes each, like a slim struct page).  A page-cache frame holds a
 reference for the cache; the zero page is pinned and never counted.
 
 Address spaces.  pgd_alloc zeroes the user half of a new root and copies the
@@ -52,22 +58,27 @@ pages, then frees the page tables, clearing each upper entry that pointed to one
 to it and tears the old one down.  munmap/mprotect: one store and one INVLPG per
 present pte.  A context switch is a CR3 write (which flushes the non-global TLB).
 
-Option ``pae_halves`` models i386 PAE exactly: set_pte writes the high half
-then the low half, ptep_get_and_clear the low then the high, ptep_set_wrprotect
-is a 4-byte clear_bit on the low word — all 4-byte stores to 8-byte ptes.  Off
-by default (every pte store is one full-width store): with it on, no PAE pte
-store covers a whole pte, so the seed's update_pte never fires on PAE.
+PAE pte stores (``pae_halves``, on by default): i386 PAE Linux writes an 8-byte
+pte with 4-byte stores -- set_pte writes the high half, then (after a barrier)
+the low half; ptep_get_and_clear the low then the high half; ptep_set_wrprotect
+is a 4-byte clear_bit on the low word.  No such store covers a whole pte, so the
+seed's update_pte (which acts on whole-pte writes only) never fires on a PAE
+Linux guest: a demand fault costs 4 exits under *both* policies (#PF, two
+emulated half writes, the #PF that installs the spte).  ``pae_halves=False`` is
+the explicit variant of a guest that writes whole 8-byte ptes (as 64-bit Linux
+does, and as cmpxchg8b-based PAE code could).
 """
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 
 from ..x86.bits import (
     CR4_PGE, PF_ID, PF_U, PF_W, PTE_A, PTE_D, PTE_P, PTE_U, PTE_W,
 )
 from ..x86.builder import control_registers
-from .files import K_WORD, M64, File
+from .files import K_WORD, M64, File, file_key
 from .measure import FaultMeter
 from .paging import guest_paging
 from .user import (
@@ -75,13 +86,14 @@ from .user import (
     SYS_MPROTECT, SYS_MUNMAP, SYS_READ, SYS_WAIT, SYS_WRITE, SYS_YIELD, User,
 )
 
+FRAMES = ("warm", "cold")        # boot zeroes all RAM (warm) or frames are first touched when allocated
 RESERVED_FRAMES = 0x100          # the first MB: BIOS, kernel image
 STACK_PAGES = 8                  # initial stack VMA
 STACK_LIMIT = 8 << 20            # RLIMIT_STACK
 SIGSEGV = 11
 
 EVENT_NAMES = ("demand_faults", "file_faults", "cow_faults", "segv", "spurious_faults", "forks", "execs",
-               "exits", "context_switches", "pte_writes", "invlpgs", "cr3_writes", "user_accesses",
+               "process_exits", "context_switches", "pte_writes", "invlpgs", "cr3_writes", "user_accesses",
                "kernel_accesses", "pages_zeroed", "pages_copied", "pages_read", "cow_reused",
                "zero_page_maps", "page_cache_hits", "page_tables_allocated", "page_tables_freed",
                "syscalls", "verified_qwords")
@@ -163,7 +175,10 @@ class Process:
 
 class Kernel:
     def __init__(self, vm, guest: str = "64", seed: int = 0, *, mem: int | None = None,
-                 pae_halves: bool = False):
+                 pae_halves: bool = True, frames: str = "warm", boot_progress=None):
+        if frames not in FRAMES:
+            raise ValueError(f"frames must be one of {', '.join(FRAMES)}, got {frames!r}")
+        self.frames = frames
         self.vm = vm
         self.vcpu = vm.vcpu
         self.pg = pg = guest_paging(guest)
@@ -180,9 +195,10 @@ class Kernel:
         if self.nframes < RESERVED_FRAMES + 64:
             raise ValueError(f"guest RAM of {ram >> 10} KB is too small for the guest kernel")
         self.events = dict.fromkeys(EVENT_NAMES, 0)
-        self.ref = [0] * self.nframes
+        self.ref = array("I", bytes(4 * self.nframes))
         self.in_cache = bytearray(self.nframes)
-        self.free: list[int] = []
+        self.free: list[int] = []          # frames freed since boot (LIFO)
+        self.fresh = self.nframes          # frames >= fresh were never allocated
         self.page_cache: dict[tuple[int, int], int] = {}
         self.files: dict[str, File] = {}
         self.procs: dict[int, Process] = {}
@@ -196,10 +212,10 @@ class Kernel:
         self.psz = pg.pte_size
         self.pmask = pg.pte_mask
         self.nx = pg.nx
-        self._boot()
+        self._boot(boot_progress)
 
     # ================================================================ boot
-    def _boot(self) -> None:
+    def _boot(self, progress=None) -> None:
         v, pg = self.vcpu, self.pg
         st = v.store
         bump = RESERVED_FRAMES
@@ -245,25 +261,36 @@ class Kernel:
         self.loaded_pgd = swapper
         v.set_fault_handler(self._page_fault)
         self.meter.install()
-        # Hand every remaining frame to the allocator, zeroing it through the direct map.
-        self.free = list(range(self.nframes - 1, bump - 1, -1))
-        for pfn in range(bump, self.nframes):
-            self._clear_page(pfn << 12)
-        self.boot_pages_zeroed = self.nframes - bump
-        self.zero_page = self._alloc_page(zero=False)       # already zero
+        # Hand every remaining frame to the allocator; "warm": zero them all now.
+        self.fresh = bump
+        if self.frames == "warm":
+            n = self.nframes - bump
+            for pfn in range(bump, self.nframes):
+                self._clear_page(pfn << 12)
+                if progress is not None and not (pfn - bump) & 4095:
+                    progress((pfn - bump) / n)
+            self.boot_pages_zeroed = self.nframes - bump
+            self.zero_page = self._alloc_page(zero=False)   # already zero
+        else:
+            self.boot_pages_zeroed = 0
+            self.zero_page = self._alloc_page(zero=True)
         self.ref[self.zero_page >> 12] = 1
         self.boot_exits = dict(self.vm.events.exits)
-        self.boot_free = len(self.free)
+        self.boot_free = self.nr_free()
         self.events = dict.fromkeys(EVENT_NAMES, 0)
 
     # ============================================================== frames
     def nr_free(self) -> int:
-        return len(self.free)
+        return len(self.free) + self.nframes - self.fresh
 
     def _alloc_page(self, zero: bool = True) -> int:
-        if not self.free:
+        if self.free:
+            pfn = self.free.pop()
+        elif self.fresh < self.nframes:
+            pfn = self.fresh
+            self.fresh = pfn + 1
+        else:
             raise GuestKernelError(f"out of memory: all {self.nframes} frames in use")
-        pfn = self.free.pop()
         self.ref[pfn] = 1
         pa = pfn << 12
         if zero:
@@ -504,16 +531,18 @@ class Kernel:
                 self._segv(p, addr, err, "execute from a non-executable mapping")
         elif not vma.prot & (PROT_READ | PROT_EXEC):
             self._segv(p, addr, err, "read of a PROT_NONE mapping")
+        ev = self.events
+        tables = ev["page_tables_allocated"]
         ptep = self._pte_alloc(mm, addr)
         pte = self._ld(ptep)
-        ev = self.events
+        case = (ptep - self.po) & ~0xFFF, ev["page_tables_allocated"] != tables     # for the fault meter
         if not pte & PTE_P:
             if vma.file is not None:
-                self.meter.kind("file")
+                self.meter.kind("file", *case)
                 ev["file_faults"] += 1
                 self._do_file_fault(mm, vma, addr, ptep, write)
             else:
-                self.meter.kind("demand")
+                self.meter.kind("demand", *case)
                 ev["demand_faults"] += 1
                 if write:
                     new = self._alloc_page(zero=True)
@@ -522,12 +551,12 @@ class Kernel:
                     ev["zero_page_maps"] += 1
                     self._set_pte(ptep, self.zero_page | self._pte_flags(vma, False))
         elif write and not pte & PTE_W:
-            self.meter.kind("cow")
+            self.meter.kind("cow", *case)
             ev["cow_faults"] += 1
             self._do_wp_page(vma, addr, ptep, pte)
         else:
             # The pte already allows the access: a stale TLB entry (never with our flushing).
-            self.meter.kind("spurious")
+            self.meter.kind("spurious", *case)
             ev["spurious_faults"] += 1
             self._invlpg(addr)
 
@@ -690,7 +719,7 @@ class Kernel:
         p.gen = fn(p.user, *args)
 
     def _do_exit(self, p: Process, status: int) -> None:
-        self.events["exits"] += 1
+        self.events["process_exits"] += 1
         if p.user is not None:
             self.events["user_accesses"] += p.user.naccesses
             p.user.naccesses = 0
@@ -888,8 +917,7 @@ class Kernel:
 
     # ============================================================ scheduler
     def new_file(self, name: str, npages: int, key: int | None = None) -> File:
-        f = File(name, npages, hash((name, self.seed)) & 0xFFFFFFFF if key is None else key,
-                 len(self.files) + 1)
+        f = File(name, npages, file_key(name, self.seed) if key is None else key, len(self.files) + 1)
         self.files[name] = f
         return f
 

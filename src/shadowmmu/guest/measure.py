@@ -12,6 +12,30 @@ between are the fault's, attributed to the kind the handler classified (the
 outermost fault wins; anything nested — the handler's own page-table writes and
 their exits — counts to it).  The guest cannot tell: like a performance counter,
 the hook observes and changes nothing the vCPU does.
+
+Each fault also gets a *case*, defined by what happened, so that a headline
+"exits per fault" is not a vote among the faults of a run:
+
+- ``steady``      the page table holding the pte existed before the fault and,
+                  under shadow paging, was shadowed when the handler ran and still
+                  is when the access completes, and no shadow page was created or
+                  zapped meanwhile (the seed's case: 3 exits with zap, 2 with
+                  update, for whole-pte stores and warm frames);
+- ``new_table``   the handler had to allocate the page table (possibly a recycled
+                  frame whose old shadow is still there);
+- ``unshadowed``  the table existed but was not shadowed when the handler ran
+                  (a child's table that fork filled, before the child's first
+                  access completed; or one KVM's flood detector unshadowed): the
+                  pte write does not exit;
+- ``flooded``     the table was shadowed when the handler ran but not when the
+                  access completed: this fault's own writes unshadowed it;
+- ``new_shadow``  otherwise steady, but the MMU created or zapped shadow pages
+                  during the fault (the other half of a 32-bit table, the direct
+                  map's shadow for a frame touched for the first time, reclaim).
+
+On native paging there is no shadow: a fault whose table existed is ``steady``.
+The meter asks the MMU whether a gfn is shadowed, as a debugger would; the guest
+kernel only tells it which pte the fault is about.
 """
 
 from __future__ import annotations
@@ -19,25 +43,44 @@ from __future__ import annotations
 from collections import Counter
 
 KINDS = ("demand", "cow", "file", "segv", "spurious")
+CASES = ("steady", "new_table", "unshadowed", "flooded", "new_shadow")
 
 
 class FaultMeter:
     def __init__(self, kernel):
         self.kernel = kernel
         self._kind = None
+        self._case = None
+        self._table_gfn = -1
+        self._shadow_churn = 0
         self._busy = False
         self.enabled = True
         self.faults = {k: 0 for k in KINDS}
         self.exits = {k: 0 for k in KINDS}
         self.by_reason = {k: Counter() for k in KINDS}
         self.histogram = {k: Counter() for k in KINDS}
+        self.cases = {k: {c: Counter() for c in CASES} for k in KINDS}     # kind -> case -> exits histogram
+        self.case_reasons = {k: {c: Counter() for c in CASES} for k in KINDS}  # kind -> case -> exits by reason
         self.samples: dict[str, list] = {k: [] for k in KINDS}   # (exits, by_reason) of recent faults
         self.keep_samples = 0
 
-    def kind(self, kind: str) -> None:
-        """Called by the fault handler: classify the fault being taken."""
-        if self._kind is None:
-            self._kind = kind
+    def kind(self, kind: str, table_gpa: int | None = None, new_table: bool = False) -> None:
+        """Called by the fault handler: classify the fault being taken.  ``table_gpa``:
+        the guest-physical address of the page table holding the faulting pte
+        (None: no pte involved, e.g. SIGSEGV); ``new_table``: the handler allocated it."""
+        if self._kind is not None:
+            return
+        self._kind = kind
+        mmu = self.kernel.vm.mmu
+        if table_gpa is None:
+            self._case, self._table_gfn = None, -1
+        elif new_table:
+            self._case, self._table_gfn = "new_table", -1
+        else:
+            self._table_gfn = table_gpa >> 12
+            self._case = "steady" if mmu is None or mmu.is_shadowed(self._table_gfn) else "unshadowed"
+            if mmu is not None:
+                self._shadow_churn = mmu.stats["pages_created"] + mmu.stats["pages_zapped"]
 
     def reset(self) -> None:
         for k in KINDS:
@@ -45,6 +88,9 @@ class FaultMeter:
             self.by_reason[k].clear()
             self.histogram[k].clear()
             self.samples[k].clear()
+            for c in CASES:
+                self.cases[k][c].clear()
+                self.case_reasons[k][c].clear()
 
     def install(self) -> None:
         v = self.kernel.vcpu
@@ -76,6 +122,16 @@ class FaultMeter:
         self.exits[kind] += total
         self.by_reason[kind].update(delta)
         self.histogram[kind][total] += 1
+        case = self._case
+        mmu = self.kernel.vm.mmu
+        if case == "steady" and mmu is not None:
+            if not mmu.is_shadowed(self._table_gfn):
+                case = "flooded"
+            elif mmu.stats["pages_created"] + mmu.stats["pages_zapped"] != self._shadow_churn:
+                case = "new_shadow"
+        if case is not None:
+            self.cases[kind][case][total] += 1
+            self.case_reasons[kind][case].update(delta)
         if self.keep_samples:
             s = self.samples[kind]
             s.append((total, delta))
@@ -89,8 +145,18 @@ class FaultMeter:
                 out[k] = {
                     "faults": self.faults[k],
                     "exits": self.exits[k],
-                    "exits_per_fault": round(self.exits[k] / self.faults[k], 3) if self.faults[k] else None,
-                    "by_reason": dict(sorted(self.by_reason[k].items())),
-                    "histogram": dict(sorted(self.histogram[k].items())),
+                    "exits_per_fault": self.exits[k] / self.faults[k] if self.faults[k] else None,
+                    "by_reason": dict(sorted(self.by_reason[k].items())) or None,
+                    "histogram": {str(n): c for n, c in sorted(self.histogram[k].items())} or None,
+                    "cases": {c: _case_summary(h, self.case_reasons[k][c]) for c, h in self.cases[k].items()},
                 }
         return out
+
+
+def _case_summary(hist: Counter, reasons: Counter) -> dict:
+    faults = sum(hist.values())
+    exits = sum(n * c for n, c in hist.items())
+    return {"faults": faults, "exits": exits,
+            "exits_per_fault": exits / faults if faults else None,
+            "by_reason": dict(sorted(reasons.items())) or None,
+            "histogram": {str(n): c for n, c in sorted(hist.items())} or None}

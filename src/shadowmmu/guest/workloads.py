@@ -49,7 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .kernel import Image, Kernel
-from .paging import GUEST_FORMATS
+from .paging import guest_paging
 from .user import PROT_READ, PROT_WRITE, brk, exec_, exit_, fork, mmap, munmap, read, sched_yield, wait, write
 
 KBUILD_SCALE = 32
@@ -80,7 +80,9 @@ class Workload:
     setup: object            # setup(kernel, size, seed) -> expected number of process exits
     default_size: int
     description: str
-    ram_mb: int              # guest RAM it is comfortable with (boot zeroes all of it)
+    ram_mb: int              # guest RAM it is comfortable with at its default size
+    unit: str                # what ``size`` counts
+    pages: object            # pages(size) -> an upper bound of the frames it holds at once (measured + margin)
 
 
 def _libc(k: Kernel):
@@ -268,13 +270,20 @@ def _kbuild(k: Kernel, size: int, seed: int) -> int:
     return 2 * size + 2
 
 
+# pages(size): peak frames in use measured on 32-bit and 64-bit guests (demand: size + 10,
+# kbuild: 4 x size + 320, the others 94 whatever their size), with a margin.
 WORKLOADS = {
-    "demand": Workload("demand", _demand, 256, "one process writes N fresh anonymous pages", 16),
-    "fork": Workload("fork", _fork, 50, "lmbench lat_proc fork: fork + immediate exit + wait, N times", 16),
+    "demand": Workload("demand", _demand, 256, "one process writes N fresh anonymous pages", 16, "pages",
+                       lambda n: n + n // 256 + 64),
+    "fork": Workload("fork", _fork, 50, "lmbench lat_proc fork: fork + immediate exit + wait, N times", 16,
+                     "forks", lambda n: 160),
     "forkwait": Workload("forkwait", _forkwait, 40,
-                         "Adams & Agesen fork/waitpid: the child touches a few pages and exits, N times", 16),
-    "kbuild": Workload("kbuild", _kbuild, 8, "make -> sh -> compiler for N source files, then a link", 24),
-    "memtouch": Workload("memtouch", _memtouch, 20, "4 processes x N cycles of mmap/touch/munmap", 16),
+                         "Adams & Agesen fork/waitpid: the child touches a few pages and exits, N times", 16,
+                         "forks", lambda n: 160),
+    "kbuild": Workload("kbuild", _kbuild, 8, "make -> sh -> compiler for N source files, then a link", 24,
+                       "source files", lambda n: 4 * n + 400),
+    "memtouch": Workload("memtouch", _memtouch, 20, "4 processes x N cycles of mmap/touch/munmap", 16,
+                         "cycles per process", lambda n: 160),
 }
 
 
@@ -285,24 +294,30 @@ def boot(vm, guest: str = "64", seed: int = 0, **kwargs) -> Kernel:
 
 def run_workload(vm, workload: str, guest: str = "64", size: int | None = None, seed: int = 0,
                  progress=None, **kwargs) -> dict:
-    """Boot, run ``workload`` to completion, and report what the guest did and what it cost."""
+    """Boot, run ``workload`` to completion, and report what the guest did and what it cost.
+    ``progress(fraction)`` is called as the workload's processes exit; with warm frames
+    also ``progress(fraction, "boot: zeroing RAM")`` during boot and ``progress(0.0, None)``
+    when the workload starts."""
     import time
 
     try:
         w = WORKLOADS[workload]
     except KeyError:
         raise ValueError(f"unknown workload {workload!r}; choose one of {', '.join(WORKLOADS)}") from None
-    if guest not in GUEST_FORMATS:
-        raise ValueError(f"unknown guest format {guest!r}; choose one of {', '.join(GUEST_FORMATS)}")
+    guest = guest_paging(guest).name          # accepts 64 as well as "64"; one clear error otherwise
     size = w.default_size if size is None else int(size)
     if size < 1:
         raise ValueError(f"workload size must be at least 1, got {size}")
     t0 = time.perf_counter()
+    if progress is not None and kwargs.get("frames", "warm") == "warm":
+        kwargs["boot_progress"] = lambda frac: progress(frac, "boot: zeroing RAM")
     k = boot(vm, guest, seed, **kwargs)
     t1 = time.perf_counter()
     exits0 = dict(vm.events.exits)
     k.meter.reset()
     nexit = w.setup(k, size, seed)
+    if progress is not None:
+        progress(0.0, None)
     k.run(progress, nexit)
     t2 = time.perf_counter()
     if progress is not None:

@@ -185,6 +185,9 @@ def _audit_roots(mmu, vcpu) -> None:
             for name, col in _ACCESS_COLUMNS:
                 if not h_perm[h_rights | col] and g_perm[g_rights | col]:
                     raise AuditError(f"{where}: the hardware allows a {name} that the guest's tables forbid")
+            if guest.pk_active and t.user and not h.user:
+                raise AuditError(f"{where}: a user page of the guest is supervisor-only in hardware, "
+                                 f"which hides it from the guest's protection keys")
             if guest.pk_active and h.user and h.pkey != t.pkey:
                 raise AuditError(f"{where}: protection key {h.pkey}, the guest's pte has key {t.pkey}")
 

@@ -234,11 +234,6 @@ class ShadowMMU:
             self.zap_page(victim)
         self.flush_tlbs()
 
-    def zap_all(self) -> None:
-        for sp in list(self.pages.values()):
-            self.zap_page(sp)
-        self.flush_tlbs()
-
     def is_shadowed(self, gfn: int) -> bool:
         return gfn in self.shadowed
 
@@ -250,6 +245,7 @@ class ShadowMMU:
         return Role(level=0, glevels=glevels, nxe=bool(g.efer & EFER_NXE), cr0_wp=wp,
                     smep_andnot_wp=bool(g.cr4 & CR4_SMEP) and not wp,
                     smap_andnot_wp=bool(g.cr4 & CR4_SMAP) and not wp,
+                    pke_andnot_wp=g.pk_active and not wp,
                     pse=glevels == 2 and bool(g.cr4 & CR4_PSE))
 
     def reset_context(self, vcpu) -> None:
@@ -340,18 +336,19 @@ class ShadowMMU:
         st = vcpu.mmu_state
         if len(self.free) < 6:
             self.make_room(6)              # KVM: mmu_topup_memory_caches + free_some_pages
+        before = self._walked_entries(vcpu, vaddr, access) if self.dirty_logging else None
         try:
             # walk_guest: the x86 walker on guest-physical memory, setting guest A/D as hardware would
             walk = translate(self.gmem, vcpu.guest, vaddr, access)
         except PageFault as pf:
-            if self.dirty_logging:
-                self._log_walked_tables(pf.entries)
+            if before:
+                self._log_changed_tables(before, pf.entries)
             st.last_pt_write_count = 0     # a real guest fault is not a fork storm
             if self.tlb_flush_needed:
                 self.flush_tlbs()
             return INJECTED, pf
-        if self.dirty_logging:
-            self._log_walked_tables(walk.entries)
+        if before:
+            self._log_changed_tables(before, walk.entries)
         result = self.fetch(vcpu, vaddr, access, walk)
         if result[0] != EMULATE or result[1] >> 12 not in self.shadowed:
             st.last_pt_write_count = 0     # only consecutive page-table writes count
@@ -359,13 +356,22 @@ class ShadowMMU:
             self.flush_tlbs()
         return result
 
-    def _log_walked_tables(self, entries) -> None:
-        """The guest walk may have set A/D bits in the tables it passed: those are
-        writes to guest memory on the guest's behalf, so the dirty log must show
-        them (the seed's walker calls mark_page_dirty when it sets A).  Every table
-        walked is logged; logging a frame that did not change is allowed."""
-        for _, addr, _ in entries:
-            self.mark_dirty(addr >> 12)
+    def _walked_entries(self, vcpu, vaddr: int, access: int) -> dict[int, int]:
+        """Entry address -> value along the guest walk, read without side effects."""
+        try:
+            entries = translate(self.gmem, vcpu.guest, vaddr, access, set_ad=False).entries
+        except PageFault as pf:
+            entries = pf.entries
+        return {addr: value for _, addr, value in entries}
+
+    def _log_changed_tables(self, before: dict[int, int], entries) -> None:
+        """The guest walk sets A/D bits in the tables it passes: writes to guest
+        memory on the guest's behalf, which the dirty log must show (the seed's
+        walker calls mark_page_dirty when it sets A).  Only the tables whose entry
+        changed are logged, as KVM does."""
+        for _, addr, value in entries:
+            if before.get(addr, value) != value:
+                self.mark_dirty(addr >> 12)
 
     def fetch(self, vcpu, vaddr: int, access: int, walk):
         """Build the shadow path for a successful guest walk and install the leaf."""
@@ -449,15 +455,21 @@ class ShadowMMU:
         if write and not user and not rights & ACC_W:
             # reached only with CR0.WP=0: the guest allows a supervisor write to a
             # read-only page.  Map it writable but not user (a later user read refaults
-            # and flips it back).  Under SMAP that would hide the page's U bit from the
-            # SMAP check, so emulate the write instead.
-            if g.cr4 & CR4_SMAP and rights & ACC_U:
+            # and flips it back).  Under SMAP, or with protection keys, that would hide
+            # the page's U bit from the SMAP or PKRU check, so emulate the write instead.
+            if (g.cr4 & CR4_SMAP or g.pk_active) and rights & ACC_U:
                 spte = self._leaf_value(vcpu, sp, gfn, rights, dirty, leaf)
                 self.set_spte(sp, idx, spte & ~SPTE_W)
                 return EMULATE, walk.paddr
             rights = (rights | ACC_W) & ~ACC_U
             if sp.role.smep_andnot_wp:
                 rights &= ~ACC_X     # a supervisor fetch from a user page must still fault under SMEP
+        elif (write and not user and g.pk_active and rights & ACC_U and not g.cr0 & CR0_WP
+              and g.pkru >> (2 * walk.pkey + 1) & 1):
+            # PKRU.WD binds a supervisor write only with CR0.WP=1, and the hardware runs
+            # with WP=1: it would refuse this write the guest allows, so emulate it
+            self.set_spte(sp, idx, self._leaf_value(vcpu, sp, gfn, rights, dirty, leaf))
+            return EMULATE, walk.paddr
         spte = self._leaf_value(vcpu, sp, gfn, rights, dirty, leaf)
         if not spte & SPTE_P:
             self.set_spte(sp, idx, spte)

@@ -1,6 +1,6 @@
 """Shadow pte layout and the shadow page's identity (role).
 
-Shadow tables are always the 64-bit format, 512 entries (REFERENCE §2), in host
+Shadow tables are always the 64-bit format, 512 entries (KVM mmu.c, 2007; see docs/sources.md), in host
 physical memory, so the x86 walker walks them as hardware would.  Invariants
 kept by ``ShadowMMU.set_spte`` (the one place that writes an spte):
 
@@ -60,6 +60,8 @@ class Role(NamedTuple):
       (``ACC_DIRTY``): its sptes are writable only then.
     - ``nxe``, ``cr0_wp``, ``smep_andnot_wp``, ``smap_andnot_wp``: guest state the
       sptes depend on (the last two matter only for CR0.WP=0 supervisor-write sptes).
+    - ``pke_andnot_wp``: protection keys active with CR0.WP=0 (like SMAP, keys bind
+      only user pages, so the CR0.WP=0 trick must not turn a user page supervisor-only).
     - ``pse``: CR4.PSE of a 32-bit guest (a PDE with PS is a 4 MB page or a table
       pointer depending on it; two vCPUs may differ).  False for other formats.
     """
@@ -73,6 +75,7 @@ class Role(NamedTuple):
     smep_andnot_wp: bool = False
     smap_andnot_wp: bool = False
     pse: bool = False
+    pke_andnot_wp: bool = False
 
     def describe(self) -> str:
         kind = "direct" if self.direct else f"g{self.glevels}"

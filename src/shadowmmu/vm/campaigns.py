@@ -92,7 +92,7 @@ def reproduce_command(guest: str, policy: str, seed: int, steps: int, options=()
     if steps > DEFAULT_CHUNK_STEPS:
         cmd += f" --chunk-steps {steps}"
     if opts.pop("seed_bug", False):
-        cmd += " --seed-bug"
+        cmd += " --update-pte-bug"
     if opts:      # campaign keywords the command line does not have
         cmd += "  (campaign options: " + ", ".join(f"{k}={v!r}" for k, v in sorted(opts.items())) + ")"
     return cmd
@@ -335,7 +335,7 @@ class Params:
 
 # how a parameter is spelled on the command line, for the mismatch message
 _FLAG = {"guests": "--guest", "policies": "--policy", "steps": "--steps", "seed": "--seed",
-         "chunk_steps": "--chunk-steps", "options": "options (--seed-bug)"}
+         "chunk_steps": "--chunk-steps", "options": "options (--update-pte-bug)"}
 
 
 def _show(v) -> str:

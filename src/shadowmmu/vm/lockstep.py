@@ -134,13 +134,6 @@ def compose_va(mode: PagingMode, indices) -> int:
     return _canonical(va, _VA_BITS[mode])
 
 
-def test_addresses(mode: PagingMode) -> list[int]:
-    out = [()]
-    for choices in _INDICES[mode]:
-        out = [p + (c,) for p in out for c in choices]
-    return [compose_va(mode, p) for p in out]
-
-
 def entry_indices(mode: PagingMode) -> tuple[int, ...]:
     return tuple(sorted({i for level in _INDICES[mode] for i in level}))
 
@@ -321,6 +314,8 @@ class Generator:
                cpl: int | None = None) -> Op:
         ch = self.ch
         va = (self.va() if va is None else va) | ch.choice((0, 8, 0xFF8, 0xFFC, 0xFFE))
+        if self.long and ch.chance(0.03):
+            va ^= 1 << 62                        # not canonical: #GP, never a walk
         cpl = ch.choice((0, 3)) if cpl is None else cpl
         kind = ch.choice(("read", "read", "store", "fetch")) if kind is None else kind
         vcpu = self.vcpu() if vcpu is None else vcpu
@@ -366,7 +361,7 @@ class Generator:
     def mode_op(self) -> Op:
         ch = self.ch
         v = self.vcpu()
-        options = ["cr3", "cr3", "wp", "ac", "smep_smap", "pge", "paging_off", "dirty_log", "flush"]
+        options = ["cr3", "cr3", "wp", "ac", "smep_smap", "pge", "paging_off", "dirty_log", "flush", "bad_cr"]
         if self.wide:
             options.append("nxe")
         if self.long:
@@ -382,6 +377,8 @@ class Generator:
             return Op(kind, (ch.chance(0.5), ch.chance(0.5)), v)
         if kind == "pkru":
             return Op("pkru", (ch.choice((0, 0x4, 0x8, 0xC, 0x55555554, 0x0C0C)),), v)
+        if kind == "bad_cr":
+            return Op("bad_cr", (ch.choice(("lme", "la57", "pg_no_pe", "cr3_high", "no_pae")),), v)
         if kind == "paging_off":
             gfn = ch.choice(DATA + POOL + (MMIO_GFN,))
             return Op("paging_off", (ch.choice(("read", "store")), (gfn << 12) | ch.choice((0, 8, 0xFF8))), v)
@@ -391,9 +388,22 @@ class Generator:
 
     def scenario(self) -> list[Op]:
         ch = self.ch
-        kind = ch.choice(("user_writes_table", "flood", "quadrant", "mode_cache", "remote", "wp0",
-                          "large", "self_map", "inherit"))
+        kinds = ["user_writes_table", "flood", "quadrant", "mode_cache", "remote", "wp0", "large", "self_map",
+                 "inherit"]
+        if self.long:
+            kinds.append("pkeys")
+        kind = ch.choice(kinds)
         va, v = self.va(), self.vcpu()
+        if kind == "pkeys":
+            # a user page with protection key k, PKRU denying access or writes to k
+            key = ch.choice((1, 2, 15))
+            deny = ch.choice((1, 2, 3)) << (2 * key)
+            return [Op("pke", (True,), v), Op("pkru", (deny,), v), Op("wp", (ch.chance(0.7),), v),
+                    self.mapping(va, 1, (ch.choice(DATA) << 12) | P | W | U | A | D | (key << PKEY_SHIFT), v),
+                    Op("invlpg", (va,), v),
+                    self.access(va=va, vcpu=v, cpl=ch.choice((0, 3)), kind="read"),
+                    self.access(va=va, vcpu=v, cpl=ch.choice((0, 3)), kind="store"),
+                    Op("pkru", (0,), v), self.access(va=va, vcpu=v, cpl=3, kind="store")]
         if kind == "inherit":
             # an upper entry with fewer rights (U or W or X taken away) above a table
             # that is then shadowed and given a full-rights pte: the leaf must inherit
@@ -463,19 +473,19 @@ class Generator:
         if kind == "large":
             level = ch.choice((2, 3) if self.long else (2,))
             frame = ch.choice(LARGE_FRAMES)
-            return [self.mapping(va, level, self.junk((frame << 12) | self.flags() | PS), v),
-                    *self.maybe_invalidate(va, v),
-                    self.access(va=va, vcpu=v), self.access(va=va | 0x5000, vcpu=v, kind="store")]
+            ops = [self.mapping(va, level, self.junk((frame << 12) | self.flags() | PS), v),
+                   *self.maybe_invalidate(va, v),
+                   self.access(va=va, vcpu=v), self.access(va=va | 0x5000, vcpu=v, kind="store")]
+            if ch.chance(0.4):
+                # global large pages across a CR3 load: a TLB keeps them (flush_nonglobal)
+                ops += [Op("pge", (True,), v), self.access(va=va, vcpu=v), Op("cr3", (ch.choice(ROOTS),), v),
+                        self.access(va=va, vcpu=v)]
+            return ops
         # self_map: a table entry pointing at its own table (or the root), then accesses through it
         table, idx = self.random_entry()
         to = ch.choice((table, ROOTS[0]))
         return [self.entry_write(table, idx, (to << 12) | self.flags(leaf=False), v),
                 *self.maybe_invalidate(va, v), self.access(vcpu=v), self.access(vcpu=v, kind="store")]
-
-
-def generate_op(ch: Chooser, mode: PagingMode) -> Op:
-    """One op (the first of a generated group; kept for callers that want single ops)."""
-    return Generator(ch, mode).generate()[0]
 
 
 def generate_program(ch: Chooser, mode: PagingMode, steps: int) -> list[Op]:
@@ -602,6 +612,22 @@ def execute(vm: VM, op: Op, mode: PagingMode):
         if kind == "pkru":
             v.write_pkru(args[0])
             return "ok"
+        if kind == "bad_cr":
+            # writes a guest may attempt and the CPU must refuse with #GP (or accept,
+            # where the mode allows it): both sides must answer alike
+            g = v.guest
+            what = args[0]
+            if what == "lme":
+                v.write_efer(g.efer ^ (1 << 8))
+            elif what == "la57":
+                v.write_cr4(g.cr4 ^ (1 << 12))
+            elif what == "pg_no_pe":
+                v.write_cr0(g.cr0 & ~1)
+            elif what == "cr3_high":
+                v.write_cr3(g.cr3 | (1 << 45))
+            else:
+                v.write_cr4(g.cr4 & ~(1 << 5))
+            return "ok"
         if kind == "paging_off":
             # paging off, one access to a physical address, paging back on
             what, pa = args
@@ -651,10 +677,6 @@ class Divergence:
                  f"  native: {self.native}", f"  shadow: {self.shadow}", "program:"]
         lines += [f"  {i:4d} {op}" for i, op in enumerate(self.program[:self.step + 1])]
         return "\n".join(lines)
-
-
-def _frames_of(vm: VM) -> dict[int, bytes]:
-    return vm.gmem.snapshot()
 
 
 def _memory_diff(a: dict, b: dict) -> str | None:
@@ -731,7 +753,7 @@ class Lockstep:
             return "different outcome", a, b
         if self.native.device.log != self.shadow.device.log:
             return "the device saw different MMIO accesses", self.native.device.log[-3:], self.shadow.device.log[-3:]
-        diff = _memory_diff(_frames_of(self.native), shadow_mem)
+        diff = _memory_diff(self.native.gmem.snapshot(), shadow_mem)
         return (diff, "", "") if diff else None
 
     def step(self, i: int, op: Op, program) -> Divergence | None:
@@ -742,7 +764,7 @@ class Lockstep:
         a = _guarded(self.native, op, self.mode)
         b = _guarded(self.shadow, op, self.mode)
         self.steps += 1
-        shadow_mem = _frames_of(self.shadow)
+        shadow_mem = self.shadow.gmem.snapshot()
         bad = self._compare(a, b, shadow_mem)
         if bad and ckpt is not None:
             # TLB latitude: native may have used a translation the guest changed without
@@ -757,7 +779,7 @@ class Lockstep:
                 bad = first
         if bad:
             return Divergence(i, op, bad[0], bad[1], bad[2], program)
-        native_mem = _frames_of(self.native)
+        native_mem = self.native.gmem.snapshot()
         if op.kind == "dirty_log":
             d = self._check_dirty_log(op, self.shadow.dirty_read, native_mem)
             if d:

@@ -17,7 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 MEASURED = ("*/shadowmmu/mmu/*.py", "*/shadowmmu/x86/walker.py", "*/shadowmmu/x86/tlb.py",
             "*/shadowmmu/x86/cpu.py")
@@ -48,30 +51,41 @@ def _group(summary: dict) -> dict:
     return {g: (c, n) for g, (c, n) in groups.items()}
 
 
-def measure(steps: int, seed: int, guests=GUEST_NAMES, policies=POLICY_NAMES, workdir: str | None = None):
-    """Run the campaigns under coverage.  Returns (per-campaign rows, combined summary)."""
-    import coverage
-
+def _one(guest: str, policy: str, steps: int, seed: int) -> dict:
+    """One campaign, in this process (run under ``coverage run`` by measure())."""
     from .lockstep import GUESTS, campaign
+    d, n = campaign(GUESTS[guest], policy, steps=steps, seed=seed)
+    return {"steps": n, "divergence": None if d is None else str(d)}
+
+
+def measure(steps: int, seed: int, guests=GUEST_NAMES, policies=POLICY_NAMES, workdir: str | None = None,
+            jobs: int = 2):
+    """Run each campaign in a fresh process under ``coverage run --branch`` (so the
+    modules' import-time lines count as what they are: run), then combine.
+    Returns (per-campaign rows, combined summary)."""
+    import coverage
     workdir = workdir or tempfile.mkdtemp(prefix="reach-")
-    rows, files = [], []
-    for g in guests:
-        for p in policies:
-            data_file = os.path.join(workdir, f"cov-{g}-{p}")
-            cov = coverage.Coverage(data_file=data_file, branch=True, include=list(MEASURED))
-            cov.start()
-            try:
-                d, n = campaign(GUESTS[g], p, steps=steps, seed=seed)
-            finally:
-                cov.stop()
-            cov.save()
-            files.append(data_file)
-            rows.append({"guest": g, "policy": p, "steps": n, "divergence": None if d is None else str(d),
-                         "groups": _group(_summary(cov, list(MEASURED)))})
+    configs = [(g, p) for g in guests for p in policies]
+
+    def run(config):
+        g, p = config
+        data_file = os.path.join(workdir, f"cov-{g}-{p}")
+        r = subprocess.run([sys.executable, "-m", "coverage", "run", "--branch", f"--data-file={data_file}",
+                            f"--include={','.join(MEASURED)}", "-m", "shadowmmu.vm.reach", "--one", g, p,
+                            "--steps", str(steps), "--seed", str(seed)], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"campaign {g} {p} under coverage failed: {r.stderr.strip()[-500:]}")
+        cov = coverage.Coverage(data_file=data_file, branch=True, include=list(MEASURED))
+        cov.load()
+        return dict(guest=g, policy=p, **json.loads(r.stdout), groups=_group(_summary(cov, list(MEASURED)))), \
+            data_file
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(run, configs))
     combined = coverage.Coverage(data_file=os.path.join(workdir, "cov-all"), branch=True, include=list(MEASURED))
-    combined.combine(files, keep=True)
+    combined.combine([f for _, f in results], keep=True)
     combined.save()
-    return rows, _summary(combined, list(MEASURED))
+    return [row for row, _ in results], _summary(combined, list(MEASURED))
 
 
 def main(argv=None) -> int:
@@ -80,11 +94,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m shadowmmu.vm.reach", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2000, help="lockstep steps per guest format and policy")
     ap.add_argument("--seed", type=int, default=7, help="campaign seed (the same seed gives the same programs)")
+    ap.add_argument("--jobs", type=int, default=2, help="campaigns measured at once (one process each)")
     ap.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    ap.add_argument("--one", nargs=2, metavar=("GUEST", "POLICY"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.steps <= 0:
-        ap.error("--steps must be positive")
-    rows, combined = measure(args.steps, args.seed)
+    if args.steps <= 0 or args.jobs <= 0:
+        ap.error("--steps and --jobs must be positive")
+    if args.one:
+        print(json.dumps(_one(*args.one, args.steps, args.seed)))
+        return 0
+    rows, combined = measure(args.steps, args.seed, jobs=args.jobs)
     if args.json:
         print(json.dumps({"steps": args.steps, "seed": args.seed, "campaigns": rows, "combined": combined}))
         return 0

@@ -20,13 +20,18 @@ class VM:
     """A VM with ``ram_size`` bytes of guest RAM at gpa 0 (lazily backed).
 
     ``native=True``: no hypervisor, the hardware walks the guest's own tables.
-    Otherwise a shadow MMU with ``pte_write`` policy "zap" or "update",
-    ``seed_access_bug`` (the seed's update_pte rights) and a pool of
-    ``pool_pages`` shadow pages."""
+    Otherwise a shadow MMU whose pte-write ``policy`` is "zap" (before the seed) or
+    "update" (the seed), as the command line's ``--policy``; ``pte_write`` is the
+    same knob under the name the MMU gives it.  ``seed_access_bug`` restores the
+    seed's update_pte rights; ``pool_pages`` bounds the shadow page pool.
+    ``vm.policy`` and ``vm.exits`` (exits by reason) read the result back."""
 
-    def __init__(self, ram_size: int = 256 << 20, *, native: bool = False, pte_write: str = "update",
-                 seed_access_bug: bool = False, pool_pages: int = 4096, nr_vcpus: int = 1,
-                 maxphyaddr: int = 40, tracing: bool = False):
+    def __init__(self, ram_size: int = 256 << 20, *, native: bool = False, policy: str | None = None,
+                 pte_write: str | None = None, seed_access_bug: bool = False, pool_pages: int = 4096,
+                 nr_vcpus: int = 1, maxphyaddr: int = 40, tracing: bool = False):
+        if policy is not None and pte_write is not None and policy != pte_write:
+            raise ValueError(f"policy={policy!r} and pte_write={pte_write!r} name the same knob: give one")
+        pte_write = policy or pte_write or "update"
         if not isinstance(ram_size, int) or ram_size <= 0 or ram_size % 4096:
             raise ValueError(f"guest RAM size must be a positive multiple of 4096 bytes, got {ram_size!r}")
         if ram_size > MAX_RAM:
@@ -76,5 +81,7 @@ class VM:
         """Every non-zero guest RAM page, gfn -> bytes (what the guest could observe)."""
         return self.gmem.snapshot()
 
+    @property
     def exits(self) -> dict[str, int]:
+        """VM exits so far, by reason (see vm/events.py for what each reason means)."""
         return self.events.by_reason()
