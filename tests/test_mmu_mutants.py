@@ -53,6 +53,13 @@ def leaf_spte(vm, va):
     return t.entries[-1][2]
 
 
+def zap_everything(mmu):
+    """Zap every cached shadow page, roots in use included (as a CR4.PSE toggle once did)."""
+    for sp in list(mmu.pages.values()):
+        mmu.zap_page(sp)
+    mmu.flush_tlbs()
+
+
 def notes(vm, kind):
     return [line for k, line in vm.events.trace if k == kind]
 
@@ -214,7 +221,7 @@ def test_a_root_zapped_while_in_use_returns_its_frame_when_released():
     mmu = vm.mmu
     zapped = mmu.stats["pages_zapped"]
     n = mmu.nr_pages
-    mmu.zap_all()
+    zap_everything(mmu)
     assert mmu.nr_pages == 0 and mmu.stats["pages_zapped"] == zapped + n
     assert len(mmu.free) == mmu.pool_size - 1          # the root keeps its frame while loaded
     root = mmu.by_hpfn[v.hw.cr3 >> 12]
@@ -499,7 +506,7 @@ def test_a_fault_with_five_free_frames_reclaims_exactly_one():
 
 def test_a_fault_reloads_roots_that_were_zapped_while_in_use():
     vm, g, v = shadowed()
-    vm.mmu.zap_all()
+    zap_everything(vm.mmu)
     assert v.mmu_roots_invalid
     v.set_cpl(3)
     assert v.load(USER_BASE, 8) == 1
