@@ -255,3 +255,24 @@ def test_the_wp0_trick_never_hides_a_user_page_from_its_protection_key():
     ls = Lockstep(mode, "update", audit=False)
     ls.run(program[:-1])
     assert execute_read(ls.native, va) == ("#PF", va, 0x21)       # PK | P, supervisor read
+
+
+def test_two_large_pages_of_one_frame_with_different_protection_keys_do_not_share_sptes():
+    """Found by a campaign (64 zap, seed 7077): two 2 MB guest pages of one frame, with
+    the same rights but different protection keys, shared one direct shadow page, so
+    the second carried the first one's key.  The key is part of a direct page's role."""
+    mode = PagingMode.LEVEL4
+    program = [
+        Op("pke", (True,)),
+        Op("map", (0xffff800000000000, 2, 0x28000000002000e7)),   # 2 MB at 0x200000, key 5
+        Op("fetch", (0x8000001008, 0, 8), vcpu=1),
+        Op("map", (0xffff807fc03ff000, 2, 0x2010a7)),              # 2 MB at 0x200000, key 0
+        Op("store", (0xffff807fc03ffffe, 3, 8, 0x3535353535353535)),
+        Op("pkru", (0x4 << 8,)),                                   # key 5: access-disable
+        Op("read", (0xffff807fc0201000, 3, 8)),                    # key 0: still readable
+        Op("read", (0xffff800000001000, 3, 8)),                    # key 5: #PF with PK
+    ]
+    for policy in POLICIES:
+        ls = Lockstep(mode, policy)
+        assert ls.run(program) is None
+    assert execute_read(ls.native, 0xffff800000001000)[0] == "#PF"

@@ -422,7 +422,10 @@ class ShadowMMU:
                     direct_access = access_above | ACC_DIRTY
                 else:
                     direct_access = access_above & ~ACC_W
-                role = base._replace(level=child_level, direct=True, access=direct_access)
+                # the large page's protection key too: two large pages of one frame
+                # with different keys must not share sptes (each spte carries a key)
+                role = base._replace(level=child_level, direct=True, access=direct_access,
+                                     pkey=walk.pkey if glevels >= 4 else 0)
             else:
                 gfn = (ge & (SPTE_ADDR if wide else 0xFFFFF000)) >> 12
                 quadrant = (vaddr >> 21) & 1 if glevels == 2 else 0

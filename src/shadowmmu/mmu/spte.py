@@ -58,6 +58,8 @@ class Role(NamedTuple):
       gets access & gpte (KVM's 2007 fix for the seed's update_pte bug).
       A direct page also records whether the guest's large page is dirty
       (``ACC_DIRTY``): its sptes are writable only then.
+    - ``pkey``: a direct page's protection key (4/5-level guests): the key of the
+      guest large page it splits, which every one of its sptes carries.
     - ``nxe``, ``cr0_wp``, ``smep_andnot_wp``, ``smap_andnot_wp``: guest state the
       sptes depend on (the last two matter only for CR0.WP=0 supervisor-write sptes).
     - ``pke_andnot_wp``: protection keys active with CR0.WP=0 (like SMAP, keys bind
@@ -76,6 +78,7 @@ class Role(NamedTuple):
     smap_andnot_wp: bool = False
     pse: bool = False
     pke_andnot_wp: bool = False
+    pkey: int = 0
 
     def describe(self) -> str:
         kind = "direct" if self.direct else f"g{self.glevels}"
