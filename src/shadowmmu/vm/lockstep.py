@@ -545,6 +545,11 @@ def _guest_walk_to(v, mode: PagingMode, va: int, level: int):
     return None
 
 
+# ops that set or clear one control-register bit: op kind -> (register, bit)
+_TOGGLES = {"wp": ("cr0", CR0_WP), "nxe": ("efer", EFER_NXE), "pge": ("cr4", CR4_PGE),
+            "pke": ("cr4", CR4_PKE), "pse": ("cr4", CR4_PSE)}
+
+
 def execute(vm: VM, op: Op, mode: PagingMode):
     """Run one op on vCPU ``op.vcpu``; return what the guest observes."""
     v = vm.vcpus[op.vcpu]
@@ -592,11 +597,10 @@ def execute(vm: VM, op: Op, mode: PagingMode):
         if kind == "cr3":
             v.write_cr3(args[0] << 12)
             return "ok"
-        if kind == "wp":
-            v.write_cr0((v.guest.cr0 | CR0_WP) if args[0] else (v.guest.cr0 & ~CR0_WP))
-            return "ok"
-        if kind == "nxe":
-            v.write_efer((v.guest.efer | EFER_NXE) if args[0] else (v.guest.efer & ~EFER_NXE))
+        if kind in _TOGGLES:
+            reg, bit = _TOGGLES[kind]
+            old = getattr(v.guest, reg)
+            getattr(v, f"write_{reg}")(old | bit if args[0] else old & ~bit)
             return "ok"
         if kind == "ac":
             v.set_ac(args[0])
@@ -604,10 +608,6 @@ def execute(vm: VM, op: Op, mode: PagingMode):
         if kind == "smep_smap":
             cr4 = v.guest.cr4 & ~(CR4_SMEP | CR4_SMAP)
             v.write_cr4(cr4 | (CR4_SMEP if args[0] else 0) | (CR4_SMAP if args[1] else 0))
-            return "ok"
-        if kind in ("pge", "pke", "pse"):
-            bit = {"pge": CR4_PGE, "pke": CR4_PKE, "pse": CR4_PSE}[kind]
-            v.write_cr4((v.guest.cr4 | bit) if args[0] else (v.guest.cr4 & ~bit))
             return "ok"
         if kind == "pkru":
             v.write_pkru(args[0])
