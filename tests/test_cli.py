@@ -42,7 +42,7 @@ def test_run_native_has_no_exits(capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["run", "compile"], "unknown workload 'compile'"),
-    (["run", "demand", "--costs", "p3"], "unknown cost preset 'p3'"),
+    (["run", "demand", "--costs", "p3"], "argument --costs: invalid choice: 'p3' (choose from 'p4-2006'"),
     (["run", "demand", "--size", "0"], "--size must be a positive integer"),
     (["compare", "demand", "nothing"], "unknown workload 'nothing'"),
     (["selfcheck"], "say what to check"),

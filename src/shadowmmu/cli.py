@@ -8,6 +8,11 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from .analysis.costs import PRESETS
+from .guest.paging import GUEST_FORMATS
+from .mmu.mmu import POLICIES
+from .x86.formats import GUEST_MODES, PagingMode
+
 
 class UsageError(Exception):
     """Bad arguments or input: printed as one line, exit status 2."""
@@ -23,7 +28,7 @@ def _int(text: str) -> int:
 # --- walk ---------------------------------------------------------------------
 def cmd_walk(args) -> int:
     from .x86 import Access, CpuState, GeneralProtection, PhysicalAddressError, PhysicalMemory
-    from .x86.builder import control_registers, parse_mode
+    from .x86.builder import control_registers
     from .x86.narrate import narrate
 
     if not 32 <= args.maxphyaddr <= 52:
@@ -48,7 +53,7 @@ def cmd_walk(args) -> int:
     regs = {}
     if args.mode:
         try:
-            regs = control_registers(parse_mode(args.mode), args.cr3 or 0, nxe=not args.no_nxe)
+            regs = control_registers(PagingMode.parse(args.mode), args.cr3 or 0, nxe=not args.no_nxe)
         except ValueError as e:
             raise UsageError(str(e)) from None
     for name in ("cr0", "cr3", "cr4", "efer"):
@@ -259,7 +264,7 @@ def _lockstep_campaign(args, console):
         raise UsageError(f"--chunk-steps must be positive, got {chunk_steps}")
     options = {"seed_bug": True} if args.seed_bug else {}
     params = campaigns.Params(tuple([args.guest] if args.guest else GUESTS),
-                              tuple([args.policy] if args.policy else ("zap", "update")),
+                              tuple([args.policy] if args.policy else POLICIES),
                               args.steps, args.seed, chunk_steps, tuple(sorted(options.items())))
     jobs = _lockstep_jobs(args)
     try:
@@ -322,12 +327,12 @@ def _lockstep_campaign(args, console):
 
 # --- trace --------------------------------------------------------------------
 def cmd_trace(args) -> int:
-    from .analysis.trace import GUEST_NAMES, trace_demand_fault
-    policies = [args.policy] if args.policy else ["zap", "update"]
+    from .analysis.trace import trace_demand_fault
+    policies = [args.policy] if args.policy else list(POLICIES)
     for policy in policies:
         lines, by_reason = trace_demand_fault(policy, args.guest)
         total = sum(by_reason.values())
-        print(f"== one demand fault, {GUEST_NAMES[args.guest]} guest, pte_write={policy!r}: "
+        print(f"== one demand fault, {PagingMode.parse(args.guest).label} guest, pte_write={policy!r}: "
               f"{total} VM exit{'s' if total != 1 else ''} "
               f"({', '.join(f'{n} {r}' for r, n in by_reason.items()) or 'none'})")
         print("\n".join(lines))
@@ -376,15 +381,12 @@ def _check_plot_path(path) -> str | None:
 
 def _validate_run_args(args) -> None:
     """Everything a run needs, checked before anything boots."""
-    from .analysis.costs import PRESETS
     from .analysis.report import check_args
-    if args.costs not in PRESETS:
-        raise UsageError(f"unknown cost preset {args.costs!r}; choose one of {', '.join(PRESETS)}")
     if getattr(args, "size", None) is not None and args.size <= 0:
         raise UsageError(f"--size must be a positive integer, got {args.size}")
     workloads = getattr(args, "workloads", None) or [getattr(args, "workload", None)]
     guests = getattr(args, "guest", None)
-    guests = [guests] if isinstance(guests, str) else (guests or ["32", "pae", "64"])
+    guests = [guests] if isinstance(guests, str) else (guests or list(GUEST_FORMATS))
     for w in workloads:
         if w is None:
             continue
@@ -546,7 +548,7 @@ def cmd_compare(args) -> int:
     import json
     from .analysis.report import DEFAULT_COMPARE, guest_label
     args.workloads = args.workloads or list(DEFAULT_COMPARE)
-    args.guest = args.guest or ["32", "pae", "64"]
+    args.guest = args.guest or list(GUEST_FORMATS)
     _validate_run_args(args)
     console = _console(args.json)
     progress, cb = _progress_runner(console, "compare")
@@ -652,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="walk: page walks/s; mmu: demand faults/s per policy; kbuild: simulated accesses/s; ram: "
                         "boot time and peak RSS against guest RAM size")
     b.add_argument("--pages", type=int, default=4000, help="mapped pages (walk) / demand faults (mmu)")
-    b.add_argument("--guest", nargs="+", choices=("32", "pae", "64"), default=["64"], help="mmu/kbuild: guest formats")
+    b.add_argument("--guest", nargs="+", choices=GUEST_FORMATS, default=["64"], help="mmu/kbuild: guest formats")
     b.add_argument("--sizes", type=int, nargs="+", default=[64, 1024, 8192, 65536],
                    help="ram: guest RAM sizes in MB (default: 64 1024 8192 65536)")
     b.add_argument("--frames", choices=("warm", "cold"), default="cold",
@@ -666,8 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=10_000, help="lockstep steps per guest format and policy")
     c.add_argument("--seed", type=int, default=0, help="random seed of the programs or cases (default: 0); "
                    "not to be confused with 'the seed', the 2007 KVM commit this project models")
-    c.add_argument("--guest", choices=("32", "pae", "64", "la57"), help="guest paging format (default: all four)")
-    c.add_argument("--policy", choices=("zap", "update"), help="pte-write policy (default: both)")
+    c.add_argument("--guest", choices=GUEST_MODES, help="guest paging format (default: all four)")
+    c.add_argument("--policy", choices=POLICIES, help="pte-write policy (default: both)")
     c.add_argument("--update-pte-bug", "--seed-bug", dest="seed_bug", action="store_true",
                    help="restore the seed commit's update_pte rights bug (U|W whatever the upper levels allow); "
                         "--seed-bug is the older name")
@@ -686,8 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("trace", help="narrate one guest event from the VM's event trace")
     tr.add_argument("what", choices=("demand",), help="the event to trace: demand (one demand fault)")
-    tr.add_argument("--policy", choices=("zap", "update", "native"), help="default: zap, then update")
-    tr.add_argument("--guest", choices=("32", "pae", "64"), default="64",
+    tr.add_argument("--policy", choices=(*POLICIES, "native"), help="default: zap, then update")
+    tr.add_argument("--guest", choices=GUEST_FORMATS, default="64",
                     help="guest paging format (default: 64); the traced guest writes whole ptes")
     tr.set_defaults(func=cmd_trace)
 
@@ -697,16 +699,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_options(q, many: bool) -> None:
         if many:
-            q.add_argument("--guest", nargs="+", choices=("32", "pae", "64"),
+            q.add_argument("--guest", nargs="+", choices=GUEST_FORMATS,
                            help="guest paging formats (default: 32 pae 64)")
         else:
-            q.add_argument("--guest", choices=("32", "pae", "64"), default="64",
+            q.add_argument("--guest", choices=GUEST_FORMATS, default="64",
                            help="guest paging format: 32-bit, PAE or 4-level (default: 64)")
         q.add_argument("--size", type=int, help=f"workload size, in the workload's unit: {units}. Sizes that "
                        "cannot fit the guest's RAM are refused before booting")
         q.add_argument("--seed", type=int, default=0, help="seed of the workload's data (default: 0)")
-        q.add_argument("--costs", default="p4-2006", help="cost preset for the time estimate: p4-2006 | core2-2006 | "
-                       "modern (default: p4-2006; sources in docs/sources.md)")
+        q.add_argument("--costs", default="p4-2006", choices=PRESETS,
+                       help="cost preset for the time estimate (default: p4-2006; sources in docs/sources.md)")
         q.add_argument("--frames", choices=("warm", "cold"), **({"nargs": "+"} if many else {"default": "warm"}),
                        help="warm: boot zeroes all RAM (the direct map is shadowed before the workload); cold: "
                             "each frame is first touched when allocated"
@@ -721,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one workload on one MMU configuration",
                        description=f"Run one workload. Workloads: {workload_help}.")
     r.add_argument("workload", help=f"one of {', '.join(WORKLOADS)}")
-    r.add_argument("--policy", choices=("zap", "update"), default="update",
+    r.add_argument("--policy", choices=POLICIES, default="update",
                    help="shadow MMU policy on a guest pte write: zap (clear the shadow pte, KVM before the "
                         "seed) or update (install it from the value written, the seed; default)")
     r.add_argument("--native", action="store_true", help="no hypervisor: the hardware walks the guest's tables")

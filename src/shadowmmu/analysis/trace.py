@@ -12,9 +12,6 @@ from __future__ import annotations
 from ..guest.minimal import USER_BASE, MiniGuest
 from ..vm import VM
 
-GUEST_NAMES = {"32": "32-bit", "pae": "PAE", "64": "4-level"}
-
-
 def trace_demand_fault(policy: str, guest: str = "64") -> tuple[list[str], dict]:
     """Returns (narrative lines, exits by reason of the traced fault)."""
     vm = VM(16 << 20, native=policy == "native", pte_write="update" if policy == "native" else policy,

@@ -8,7 +8,8 @@ installs a pte -- A set, D on a write, as Linux does.  The Linux-like kernel of
 from shadowmmu.x86.builder import control_registers
 from shadowmmu.x86.formats import PagingMode
 
-GUESTS = {"32": PagingMode.BITS32, "pae": PagingMode.PAE, "64": PagingMode.LEVEL4}
+# the formats this guest builds tables for
+MODES = (PagingMode.BITS32, PagingMode.PAE, PagingMode.LEVEL4)
 P, W, U, A, D = 1, 2, 4, 0x20, 0x40
 KERNEL_FRAMES = 0x400          # identity-mapped (gva == gpa), supervisor, for tables and data
 USER_BASE = 0x40000000
@@ -18,7 +19,9 @@ class MiniGuest:
     def __init__(self, vm, guest: str, kernel_frames: int = KERNEL_FRAMES):
         self.vm = vm
         self.v = vm.vcpu
-        self.mode = GUESTS[guest]
+        self.mode = PagingMode.parse(guest)
+        if self.mode not in MODES:
+            raise ValueError(f"the minimal guest runs {', '.join(m.short for m in MODES)} paging, not {guest!r}")
         self.wide = self.mode is not PagingMode.BITS32
         self.esz = 8 if self.wide else 4
         self.next_frame = 0x100

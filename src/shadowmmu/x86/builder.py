@@ -13,18 +13,6 @@ from .bits import (
 from .cpu import CpuState
 from .formats import FORMATS, PagingMode
 
-MODE_NAMES = {"32": PagingMode.BITS32, "32-bit": PagingMode.BITS32, "pae": PagingMode.PAE,
-              "64": PagingMode.LEVEL4, "4-level": PagingMode.LEVEL4, "5-level": PagingMode.LEVEL5,
-              "none": PagingMode.NONE}
-
-
-def parse_mode(name: str) -> PagingMode:
-    try:
-        return MODE_NAMES[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown paging mode {name!r}; choose one of {', '.join(MODE_NAMES)}") from None
-
-
 def control_registers(mode: PagingMode, cr3: int, *, wp: bool = True, nxe: bool = True,
                       pse: bool = True, extra_cr4: int = 0) -> dict:
     """Typical CR0/CR4/EFER for a paging mode, as keyword arguments of CpuState.load."""

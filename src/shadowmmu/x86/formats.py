@@ -15,11 +15,39 @@ from enum import Enum
 
 
 class PagingMode(Enum):
+    """A paging mode.  Its names: ``value`` (the SDM's), ``short`` (the command
+    line's: 32, pae, 64, la57, none) and ``label`` (tables and plots); ``parse``
+    takes any of them, and is the one place a mode name is read."""
     NONE = "none"          # CR0.PG=0: linear = physical
     BITS32 = "32-bit"      # 2 levels of 1024 4-byte entries
     PAE = "pae"            # 4 PDPTE registers, then 2 levels of 512 8-byte entries
     LEVEL4 = "4-level"     # IA-32e paging, 48-bit linear addresses
     LEVEL5 = "5-level"     # IA-32e with CR4.LA57, 57-bit linear addresses
+
+    @property
+    def short(self) -> str:
+        return _SHORT[self]
+
+    @property
+    def label(self) -> str:
+        return _LABEL[self]
+
+    @classmethod
+    def parse(cls, name: str) -> "PagingMode":
+        """The mode a name means; ValueError naming the accepted names otherwise."""
+        mode = _BY_NAME.get(name.lower()) if isinstance(name, str) else None
+        if mode is None:
+            raise ValueError(f"unknown paging mode {name!r}; choose one of {', '.join(_BY_NAME)}")
+        return mode
+
+
+_SHORT = {PagingMode.NONE: "none", PagingMode.BITS32: "32", PagingMode.PAE: "pae", PagingMode.LEVEL4: "64",
+          PagingMode.LEVEL5: "la57"}
+_LABEL = {PagingMode.NONE: "no paging", PagingMode.BITS32: "32-bit", PagingMode.PAE: "PAE",
+          PagingMode.LEVEL4: "4-level", PagingMode.LEVEL5: "5-level"}
+_BY_NAME = {**{m.short: m for m in PagingMode}, **{m.value: m for m in PagingMode}}
+# the guest paging formats, by their command-line names (paging on)
+GUEST_MODES = tuple(m.short for m in PagingMode if m is not PagingMode.NONE)
 
 
 @dataclass(frozen=True)
