@@ -12,11 +12,11 @@ import pytest
 from shadowmmu.guest.minimal import USER_BASE, MiniGuest
 from shadowmmu.mmu import MMUError
 from shadowmmu.mmu.mmu import ShadowMMU
-from shadowmmu.mmu.spte import ACC_DIRTY, ACC_U, ACC_W, ACC_X, SPTE_NX, Role
+from shadowmmu.mmu.spte import R_DIRTY, SPTE_NX, Role
 from shadowmmu.vm import VM
 from shadowmmu.vm.lockstep import GUESTS, Lockstep, RandomChooser, generate_program
 from shadowmmu.x86 import CpuState, NonCanonicalAddress, PageFault
-from shadowmmu.x86.bits import ACC_FETCH, ACC_USER, ACC_WRITE, CR0_WP, CR4_PKE, CR4_SMAP, CR4_SMEP, EFER_NXE
+from shadowmmu.x86.bits import ACC_FETCH, ACC_USER, ACC_WRITE, R_U, R_W, R_X, CR0_WP, CR4_PKE, CR4_SMAP, CR4_SMEP, EFER_NXE
 from shadowmmu.x86.builder import control_registers
 from shadowmmu.x86.formats import PagingMode
 from shadowmmu.x86.walker import translate
@@ -50,8 +50,8 @@ def leaf_spte(vm, va):
     try:
         t = translate(vm.host, vm.vcpu.hw, va, 0, set_ad=False)
     except PageFault as pf:
-        return pf.entries[-1][2]
-    return t.entries[-1][2]
+        return pf.entries[-1].value
+    return t.entries[-1].value
 
 
 def zap_everything(mmu):
@@ -71,11 +71,11 @@ def notes(vm, kind):
 
 def test_a_role_describes_itself_level_kind_quadrant_rights_and_wp0():
     assert Role(level=1, glevels=4).describe() == "L1 g4 q0 WUX"
-    assert Role(level=2, glevels=2, quadrant=3, access=ACC_U, cr0_wp=False).describe() == "L2 g2 q3 -U- wp0"
-    assert Role(level=1, glevels=3, direct=True, access=ACC_W | ACC_X | ACC_DIRTY).describe() == "L1 direct q0 W-XD"
-    assert Role(level=1, glevels=3, direct=True, access=ACC_U).describe() == "L1 direct q0 -U-"
+    assert Role(level=2, glevels=2, quadrant=3, access=R_U, cr0_wp=False).describe() == "L2 g2 q3 -U- wp0"
+    assert Role(level=1, glevels=3, direct=True, access=R_W | R_X | R_DIRTY).describe() == "L1 direct q0 W-XD"
+    assert Role(level=1, glevels=3, direct=True, access=R_U).describe() == "L1 direct q0 -U-"
     # only a direct page records the large page's dirtiness
-    assert Role(level=1, glevels=4, access=ACC_W | ACC_U | ACC_X | ACC_DIRTY).describe() == "L1 g4 q0 WUX"
+    assert Role(level=1, glevels=4, access=R_W | R_U | R_X | R_DIRTY).describe() == "L1 g4 q0 WUX"
     assert Role(level=2, glevels=2, pse=True).describe() == "L2 g2 q0 WUX pse"
 
 
@@ -101,7 +101,7 @@ def test_a_write_to_an_upper_level_table_is_narrated_as_a_clear_even_under_updat
     vm, g, v = shadowed(policy="update", tracing=True)
     # the page directory entry for USER_BASE, from the guest's own walk
     t = translate(vm.gmem, v.guest, USER_BASE, 0, set_ad=False)
-    lvl, pde_addr, pde = t.entries[-2]
+    lvl, pde_addr, pde, _ = t.entries[-2]
     assert lvl == 2
     vm.events.clear_trace()
     v.store(pde_addr + 8, pde, 8)            # the next PDE: same table below, a level-2 write
@@ -179,7 +179,7 @@ def test_a_4mb_guest_pde_write_clears_both_2mb_shadow_pdes():
     v.store(USER_BASE + (2 << 20), 2, 8)               # the other half of the same 4 MB
     v.set_cpl(0)
     t = translate(vm.gmem, v.guest, USER_BASE, 0, set_ad=False)
-    _, pde_addr, pde = t.entries[0]
+    _, pde_addr, pde, _ = t.entries[0]
     zaps = vm.mmu.stats["pte_zaps"]
     v.store(pde_addr, pde, 4)                          # rewrite the PDE as it is
     assert vm.mmu.stats["pte_zaps"] == zaps + 2
@@ -533,7 +533,7 @@ def test_a_page_table_is_shadowed_under_its_full_address_above_4gb():
     vm.gmem.write_uint((pt_gfn << 12) + 8 * 5, (frame << 12) | P | W | U | A | D, 8)
     va = 0x8000_0000 + 5 * 4096
     g.pte_addr(va)                                     # builds PDPT[2] -> PD -> PT; repoint the PDE
-    pd_entry = next(a for lvl, a, _ in fault_entries(vm, v, va) if lvl == 2)
+    pd_entry = next(a for lvl, a, *_ in fault_entries(vm, v, va) if lvl == 2)
     v.store(pd_entry, (pt_gfn << 12) | P | W | U | A, 8)
     v.set_cpl(3)
     assert v.load(va, 8) == 0
@@ -557,7 +557,7 @@ def large_page_guest(ram=16 << 20):
 def map_large(vm, g, v, va, level, frame):
     """Make the level-`level` entry for va a large page (P|W|U|A|PS, clean) at frame."""
     g.pte_addr(va)                                     # build the tables down to a PT
-    addr = next(a for lvl, a, _ in fault_entries(vm, v, va) if lvl == level)
+    addr = next(a for lvl, a, *_ in fault_entries(vm, v, va) if lvl == level)
     v.store(addr, frame | P | W | U | A | PS, 8)
     return addr
 
@@ -633,7 +633,7 @@ def test_nx_in_a_pae_page_directory_entry_forbids_fetches_below_it():
     v.store(va, 0xC3, 8)                               # a new page table, under a new PDE
     v.set_cpl(0)
     t = translate(vm.gmem, v.guest, va, 0, set_ad=False)
-    _, pde_addr, pde = t.entries[1]
+    _, pde_addr, pde, _ = t.entries[1]
     v.store(pde_addr, pde | NX, 8)
     v.set_fault_handler(None)
     v.set_cpl(3)
@@ -689,10 +689,10 @@ def test_a_32bit_linear_address_is_0_to_4g_minus_1(paging):
     t = translate(tb.mem, cpu, 0xFFFFFFFF)
     if paging:                                         # 4-byte entries: index 1023 is at +0xFFC
         assert t.paddr == 0x5FFF
-        assert [(lvl, addr & 0xFFF) for lvl, addr, _ in t.entries] == [(2, 0xFFC), (1, 0xFFC)]
+        assert [(lvl, addr & 0xFFF) for lvl, addr, *_ in t.entries] == [(2, 0xFFC), (1, 0xFFC)]
         assert t.pkey == 0                             # no protection keys in this format
     else:                                              # no paging: everything allowed, nothing to set
-        assert tuple(t) == (0xFFFFFFFF, 0xFFFFFFFF, 12, True, True, True, 0, False, True, ())
+        assert tuple(t) == (0xFFFFFFFF, 0xFFFFFFFF, 12, R_W | R_U | R_X, 0, False, True, ())
     for va in (1 << 32, (1 << 33) - 1, -1):
         with pytest.raises(ValueError, match=f"^linear address {va:#x} does not fit in 32 bits$"):
             translate(tb.mem, cpu, va)
@@ -703,8 +703,8 @@ def test_a_walk_records_the_address_of_each_8_byte_entry_it_read():
     va = 0x7FFF_FFFF_F000                              # index 255 in the PML4, 511 below
     addrs = tb.map(va, 1, P | W | U, 0x9000)
     t = translate(tb.mem, tb.cpu(), va)
-    assert [(lvl, addr) for lvl, addr, _ in t.entries] == [(lvl, addrs[lvl]) for lvl in (4, 3, 2, 1)]
-    assert [addr & 0xFFF for _, addr, _ in t.entries] == [0x7F8, 0xFF8, 0xFF8, 0xFF8]
+    assert [(lvl, addr) for lvl, addr, *_ in t.entries] == [(lvl, addrs[lvl]) for lvl in (4, 3, 2, 1)]
+    assert [addr & 0xFFF for _, addr, *_ in t.entries] == [0x7F8, 0xFF8, 0xFF8, 0xFF8]
 
 
 def test_a_walk_into_a_frame_never_written_reads_zero_entries():
@@ -720,7 +720,7 @@ def test_a_walk_into_a_frame_never_written_reads_zero_entries():
 def fault_code_and_entries(mem, cpu, va, access, record=True):
     with pytest.raises(PageFault) as e:
         translate(mem, cpu, va, access, record=record)
-    return e.value.error_code, (e.value.entries[-1] if e.value.entries else None)
+    return e.value.error_code, (e.value.entries[-1][:3] if e.value.entries else None)
 
 
 def test_a_page_fault_carries_the_entries_read_up_to_the_faulting_one():
@@ -738,8 +738,8 @@ def test_a_page_fault_carries_the_entries_read_up_to_the_faulting_one():
             with pytest.raises(PageFault) as e:
                 translate(tb.mem, tb.cpu(), va, access)
             assert e.value.error_code == code
-            assert [(lvl, addr) for lvl, addr, _ in e.value.entries] == [(lvl, addrs[lvl]) for lvl in levels]
-            assert e.value.entries[-1][2] == tb.get(last)
+            assert [(lvl, addr) for lvl, addr, *_ in e.value.entries] == [(lvl, addrs[lvl]) for lvl in levels]
+            assert e.value.entries[-1].value == tb.get(last)
             with pytest.raises(PageFault) as e:
                 translate(tb.mem, tb.cpu(), va, access, record=False)
             assert e.value.entries == ()

@@ -119,7 +119,7 @@ def test_every_frame_a_walk_reaches_is_in_pages():
         walks = ours.detail if isinstance(ours.detail, tuple) else (ours.detail,)
         for t in walks:
             if isinstance(t, PageFault) or hasattr(t, "paddr"):
-                for level, addr, value in t.entries:
+                for level, addr, value, _ in t.entries:
                     assert addr >> 12 in case.pages, (i, describe_case(case))
             if hasattr(t, "paddr"):
                 assert t.paddr >> 12 in case.pages, (i, describe_case(case))

@@ -1,9 +1,8 @@
 """``shadowmmu.mmu``: the hypervisor's shadow MMU (KVM, 2007, with its later fixes)."""
 
 from .audit import AuditError, audit
-from .mmu import EMULATE, HANDLED, INJECTED, POLICIES, MMUError, ShadowMMU
+from .mmu import POLICIES, MMUError, PfResult, ShadowMMU
 from .shadow_page import ShadowPage
 from .spte import Role
 
-__all__ = ["AuditError", "audit", "EMULATE", "HANDLED", "INJECTED", "POLICIES", "MMUError", "ShadowMMU",
-           "ShadowPage", "Role"]
+__all__ = ["AuditError", "audit", "PfResult", "POLICIES", "MMUError", "ShadowMMU", "ShadowPage", "Role"]

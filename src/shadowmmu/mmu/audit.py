@@ -7,12 +7,11 @@ naming the first broken invariant.
 
 from __future__ import annotations
 
-import copy
 from functools import lru_cache
 from itertools import compress
 
 from ..x86.bits import CR0_WP, CR4_PKE, CR4_SMAP, CR4_SMEP, PTE_A, PTE_D
-from ..x86.cpu import A_F, A_SMAP_OVERRIDE, A_U, A_W, R_U, R_W, R_X, permission_faults
+from ..x86.cpu import A_F, A_SMAP_OVERRIDE, A_U, A_W, permission_faults
 from ..x86.faults import PageFault
 from ..x86.walker import translate
 from .spte import SPTE_ADDR, SPTE_P, SPTE_W
@@ -35,9 +34,7 @@ def _probe_cpu(guest):
     if c is None:
         if len(_probes) > 256:
             _probes.clear()
-        c = copy.copy(guest)
-        c.cr4 &= ~(CR4_SMEP | CR4_SMAP | CR4_PKE)
-        c._update()
+        c = guest.without_cr4(CR4_SMEP | CR4_SMAP | CR4_PKE)
         _probes[key] = c
     return c
 
@@ -127,10 +124,6 @@ class _Where:
         return f"spte {self.spte:#x} for gva {self.va:#x} in {self.sp!r}"
 
 
-def _rights(t) -> int:
-    return (R_W if t.writable else 0) | (R_U if t.user else 0) | (R_X if t.executable else 0)
-
-
 def _audit_roots(mmu, vcpu) -> None:
     st = vcpu.mmu_state
     guest = vcpu.guest
@@ -167,7 +160,7 @@ def _audit_roots(mmu, vcpu) -> None:
                 t = translate(mmu.gmem, probe, va, 0, set_ad=False)
             except PageFault as pf:
                 raise AuditError(f"{where}: present, but the guest walk faults ({pf})") from None
-            gleaf = t.entries[-1][2] if t.entries else PTE_A | PTE_D
+            gleaf = t.leaf
             if mmu.gmem.gfn_to_pfn(t.paddr >> 12) != (spte & SPTE_ADDR) >> 12:
                 raise AuditError(f"{where}: guest maps gpa {t.paddr:#x}, spte maps another frame")
             if not gleaf & PTE_A:
@@ -181,7 +174,7 @@ def _audit_roots(mmu, vcpu) -> None:
                 h = translate(mmu.host, hw_probe, va, 0, set_ad=False)
             except PageFault:
                 continue               # the hardware faults on every access: it grants nothing
-            g_rights, h_rights = _rights(t), _rights(h)
+            g_rights, h_rights = t.rights, h.rights
             for name, col in _ACCESS_COLUMNS:
                 if not h_perm[h_rights | col] and g_perm[g_rights | col]:
                     raise AuditError(f"{where}: the hardware allows a {name} that the guest's tables forbid")
@@ -201,6 +194,6 @@ def _audit_tlb(mmu, vcpu) -> None:
             t = translate(mmu.host, hw, va, 0, set_ad=False)
         except PageFault:
             raise AuditError(f"TLB maps {va:#x} but the shadow tables do not (missed flush)") from None
-        rights = int(t.writable) | (int(t.user) << 1) | (int(t.executable) << 2)
+        rights = t.rights
         if t.paddr & ~0xFFF != e[0] or e[1] & ~rights or (e[2] and not t.dirty):
             raise AuditError(f"TLB entry for {va:#x} disagrees with the shadow tables (missed flush)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..x86.bits import PTE_A, PTE_D, PTE_NX, PTE_P, PTE_U, PTE_W
+from ..x86.bits import PTE_A, PTE_D, PTE_NX, PTE_P, PTE_PKEY_MASK, PTE_U, PTE_W, R_ALL, R_U, R_W, R_X
 
 SPTE_P = PTE_P
 SPTE_W = PTE_W
@@ -38,10 +38,9 @@ SPTE_ADDR = 0x000FFFFFFFFFF000
 # carries the AND of every level's rights (the role's inherited access).
 SPTE_TABLE = SPTE_P | SPTE_W | SPTE_U | SPTE_A
 
-# access rights, as in the x86 permission table index
-ACC_W, ACC_U, ACC_X = 1, 2, 4
-ACC_ALL = ACC_W | ACC_U | ACC_X
-ACC_DIRTY = 8            # direct pages only: the guest large page is dirty
+# A direct page's role.access carries R_W|R_U|R_X and, beside them, whether the
+# guest large page it splits is dirty (its sptes may then be writable).
+R_DIRTY = 8
 
 
 class Role(NamedTuple):
@@ -54,10 +53,10 @@ class Role(NamedTuple):
       page shadows (level 1: bit 21 of the address; level 2: bits 31:30).
     - ``direct``: no guest table behind it (a guest large page, or no paging);
       the gfn is then the first frame mapped.  "Is this gfn shadowed" ignores these.
-    - ``access``: rights inherited from the upper levels (ACC_W|U|X); the leaf
+    - ``access``: rights inherited from the upper levels (R_W|R_U|R_X); the leaf
       gets access & gpte (KVM's 2007 fix for the seed's update_pte bug).
       A direct page also records whether the guest's large page is dirty
-      (``ACC_DIRTY``): its sptes are writable only then.
+      (``R_DIRTY``): its sptes are writable only then.
     - ``pkey``: a direct page's protection key (4/5-level guests): the key of the
       guest large page it splits, which every one of its sptes carries.
     - ``nxe``, ``cr0_wp``, ``smep_andnot_wp``, ``smap_andnot_wp``: guest state the
@@ -71,7 +70,7 @@ class Role(NamedTuple):
     glevels: int
     quadrant: int = 0
     direct: bool = False
-    access: int = ACC_ALL
+    access: int = R_ALL
     nxe: bool = False
     cr0_wp: bool = True
     smep_andnot_wp: bool = False
@@ -82,15 +81,37 @@ class Role(NamedTuple):
 
     def describe(self) -> str:
         kind = "direct" if self.direct else f"g{self.glevels}"
-        acc = "".join(c if self.access & b else "-" for c, b in (("W", ACC_W), ("U", ACC_U), ("X", ACC_X)))
-        if self.direct and self.access & ACC_DIRTY:
+        acc = "".join(c if self.access & b else "-" for c, b in (("W", R_W), ("U", R_U), ("X", R_X)))
+        if self.direct and self.access & R_DIRTY:
             acc += "D"
         return f"L{self.level} {kind} q{self.quadrant} {acc}{'' if self.cr0_wp else ' wp0'}{' pse' if self.pse else ''}"
 
 
-def gpte_access(gpte: int, wide: bool, nxe: bool) -> int:
-    """Rights a guest entry grants, as ACC_* bits (bit 63 is NX only with EFER.NXE)."""
-    acc = ((gpte >> 1) & 1) | ((gpte >> 1) & 2)
+def gpte_rights(gpte: int, wide: bool, nxe: bool) -> int:
+    """Rights a guest entry grants, as R_* bits (bit 63 is NX only with EFER.NXE)."""
+    rights = ((gpte >> 1) & 1) | ((gpte >> 1) & 2)
     if not (wide and nxe and gpte & PTE_NX):
-        acc |= ACC_X
-    return acc
+        rights |= R_X
+    return rights
+
+
+def make_spte(pfn: int | None, gfn: int, rights: int, *, dirty: bool, write_protect: bool, pkey_bits: int) -> int:
+    """A leaf spte (KVM's make_spte; the seed's set_pte body), from facts only.
+
+    ``pfn`` None: no memslot behind ``gfn``, an MMIO mark.  W only if the guest
+    allows it, its pte is dirty (a clean one must trap so the guest's D gets set)
+    and the frame is not write-protected (a shadowed guest page table);
+    SPTE_GUEST_W records that the guest allows it either way.  ``pkey_bits`` are
+    the guest leaf's protection-key bits (4/5-level guests) or 0."""
+    if pfn is None:
+        return SPTE_MMIO | (gfn << 12)
+    spte = (pfn << 12) | SPTE_P | SPTE_A | (pkey_bits & PTE_PKEY_MASK)
+    if rights & R_U:
+        spte |= SPTE_U
+    if not rights & R_X:
+        spte |= SPTE_NX
+    if rights & R_W:
+        spte |= SPTE_GUEST_W
+        if dirty and not write_protect:
+            spte |= SPTE_W | SPTE_D
+    return spte

@@ -735,8 +735,9 @@ class Lockstep:
                  audit: bool = True, nr_vcpus: int = NR_VCPUS):
         self.mode = mode
         self.native = VM(RAM_SIZE, native=True, nr_vcpus=nr_vcpus)
+        # audit=False: the checker audits after every step itself
         self.shadow = VM(RAM_SIZE, pte_write=policy, seed_access_bug=seed_bug, pool_pages=pool_pages,
-                         nr_vcpus=nr_vcpus)
+                         nr_vcpus=nr_vcpus, audit=False)
         for vm in (self.native, self.shadow):
             vm.device = Device()
             vm.dirty_read = None

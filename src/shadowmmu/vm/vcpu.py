@@ -10,18 +10,18 @@ then the access is retried, as the faulting instruction is after an IRET.
 
     guest access --TLB hit--> memory
         | miss: hardware walk of shadow tables --ok--> fill TLB, memory
-        | #PF: VM exit -> mmu.page_fault()
-              HANDLED  -> retry          (exit "pf_fixed")
-              EMULATE  -> do the access on guest memory for the guest
+        | #PF: VM exit -> mmu.page_fault() -> PfResult, counted as the exit's reason
+              FIXED     -> retry                          (exit "pf_fixed")
+              INJECT    -> guest handler, then retry      (exit "pf_injected")
+              PTE_WRITE, MMIO, EMULATE -> the MMU does the access for the guest
                           (exit "pte_write" | "mmio" | "emulate")
-              INJECTED -> guest handler, then retry (exit "pf_injected")
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from ..mmu.mmu import HANDLED, INJECTED, MMUError
+from ..mmu.mmu import MMUError, PfResult
 from ..x86.bits import (
     ACC_FETCH, ACC_USER, ACC_WRITE, CR0_PG, CR4_LA57, CR4_PAE, CR4_PGE, CR4_PKE, CR4_PSE, CR4_SMAP,
     CR4_SMEP, EFER_LME,
@@ -31,6 +31,7 @@ from ..x86.faults import PageFault
 from ..x86.tlb import Tlb
 
 _SIZES = (1, 2, 4, 8)
+_FIXED, _INJECT = PfResult.FIXED, PfResult.INJECT
 MAX_NESTED_FAULTS = 4        # a fault in a fault handler in a fault handler ... is a triple fault
 MAX_FAULT_RETRIES = 32       # an access the guest handler never fixes
 
@@ -252,34 +253,29 @@ class VCpu:
             pfn = self.gmem.gfn_to_pfn(gpa >> 12)
             return (1, gpa) if pfn is None else (0, (pfn << 12) | (gpa & 0xFFF))
         events = self.events
+        mmu = self.vm.mmu
         for _ in range(8):
             pa = self.tlb.translate(self.host, self.hw, vaddr, access, probe=True)
             if pa >= 0:
                 return 0, pa
             # a hardware #PF on the shadow tables: VM exit
             at = events.mark() if events.tracing else 0
-            result, payload = self.vm.mmu.page_fault(self, vaddr, access)
-            if result == HANDLED:
-                events.exits["pf_fixed"] += 1
+            result = mmu.page_fault(self, vaddr, access)
+            events.exits[result.exit_reason] += 1
+            if result is _FIXED:
                 if events.tracing:
                     events.exit_line("pf_fixed", f"#PF at {vaddr:#x} ({_acc_name(access)}): shadow fixed", at)
                 continue
-            if result == INJECTED:
-                events.exits["pf_injected"] += 1
+            if result is _INJECT:
+                pf = self.mmu_state.fault
                 if events.tracing:
                     events.exit_line("pf_injected", f"#PF at {vaddr:#x} ({_acc_name(access)}): "
-                                     f"guest fault, inject error code {payload.error_code:#x}", at)
-                raise payload
-            gpa = payload
-            if self.gmem.gfn_to_pfn(gpa >> 12) is None:
-                reason = "mmio"
-            elif access & ACC_WRITE and self.vm.mmu.is_shadowed(gpa >> 12):
-                reason = "pte_write"
-            else:
-                reason = "emulate"
-            events.exits[reason] += 1
+                                     f"guest fault, inject error code {pf.error_code:#x}", at)
+                raise pf
+            gpa = self.mmu_state.gpa
             if events.tracing:
-                events.exit_line(reason, f"{_acc_name(access)} of {vaddr:#x} (gpa {gpa:#x}) emulated", at)
+                events.exit_line(result.exit_reason, f"{_acc_name(access)} of {vaddr:#x} (gpa {gpa:#x}) emulated",
+                                 at)
             return 1, gpa
         raise MMUError(f"the shadow MMU keeps reporting {vaddr:#x} fixed but the hardware still faults")
 
@@ -296,13 +292,10 @@ class VCpu:
             return None
         if value is None:
             return self.gmem.read_uint(addr, size)
-        if not self.native:
-            mmu = self.vm.mmu
-            gfn = addr >> 12
-            if mmu.is_shadowed(gfn):
-                mmu.pte_write(self, addr, value.to_bytes(size, "little"))
-            mmu.mark_dirty(gfn)
-        self.gmem.write_uint(addr, value, size)
+        if self.native:
+            self.gmem.write_uint(addr, value, size)
+        else:
+            self.vm.mmu.emulated_write(self, addr, value, size)
         return None
 
     def _deliver(self, pf: PageFault) -> None:
@@ -374,7 +367,7 @@ class VCpu:
         if self.native:
             self.tlb.on_cr3_write(self.guest)
         else:
-            self.vm.mmu.new_cr3(self)
+            self.vm.mmu.reload_roots(self)
 
     def _after_mode_write(self, d_cr0: int, d_cr4: int, d_efer: int, old_pdptes: tuple) -> None:
         flush_bits = CR4_PGE | CR4_PAE | CR4_PSE | CR4_SMEP | CR4_LA57
@@ -386,7 +379,7 @@ class VCpu:
         role_bits = (d_cr0 & (CR0_PG | 0x10000) or d_cr4 & (CR4_PAE | CR4_LA57 | CR4_SMEP | CR4_SMAP | CR4_PKE
                                                           | CR4_PSE) or d_efer)
         if role_bits or self.guest.pdptes != old_pdptes:
-            mmu.reset_context(self)     # new role, or new PAE roots
+            mmu.reload_roots(self)      # new role, or new PAE roots
         else:
             self.tlb.flush()
 

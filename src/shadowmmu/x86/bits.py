@@ -34,6 +34,10 @@ ACC_WRITE = PF_W
 ACC_USER = PF_U
 ACC_FETCH = PF_ID
 ACC_IMPLICIT = 1 << 8   # supervisor access made by the CPU itself: SMAP ignores RFLAGS.AC
+# The rights a translation grants (what the page allows, as opposed to ACC_*:
+# what the CPU is doing).  Bits 0-2 of the permission table's index.
+R_W, R_U, R_X = 1, 2, 4
+R_ALL = R_W | R_U | R_X
 
 # --- control registers
 CR0_PE = 1 << 0

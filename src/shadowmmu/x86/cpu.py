@@ -10,23 +10,34 @@ change); the table is tested against the rule written out plainly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from .bits import (
     CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PGE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP,
-    EFER_LMA, EFER_LME, EFER_NXE, PTE_NX, PTE_P, PTE_PS, mask,
+    EFER_LMA, EFER_LME, EFER_NXE, PTE_NX, PTE_P, PTE_PS, R_U, R_W, R_X, mask,
 )
 from .faults import GeneralProtection
 from .formats import BITS32, FORMATS, LEVEL4, LEVEL5, PAE, PagingFormat, PagingMode
 
-# Index bits of the permission table: the effective rights of a translation ...
-R_W, R_U, R_X = 1, 2, 4
-# ... and the access (see access_index()).
+# Index bits of the permission table: the effective rights of a translation
+# (R_W|R_U|R_X, bits 0-2) and the access (see access_index()).
 A_W, A_U, A_F, A_SMAP_OVERRIDE = 8, 16, 32, 64
 
 # PAE PDPTE reserved bits below MAXPHYADDR: 2:1 and 8:5 (SDM table 4-8).  Bit 63 and
 # 62:MAXPHYADDR are added per CPU.
 _PDPTE_RSVD_LOW = mask(1, 2) | mask(5, 8)
+
+
+class LevelRow(NamedTuple):
+    """What the walker needs to know about one in-memory level, for the current
+    format and CPU state (MAXPHYADDR, EFER.NXE, CR4.PSE, 1 GB page support)."""
+    level: int
+    shift: int           # the linear-address bit where this level's index starts
+    index_mask: int      # 0x3FF (32-bit) or 0x1FF
+    rsvd_table: int      # reserved bits of an entry that points to a table
+    rsvd_page: int       # reserved bits of an entry that maps a page (PS=1), or -1: PS=1 is no page here
+    addr_mask: int       # the entry's physical-address bits
 
 
 def access_index(access: int, ac: bool) -> int:
@@ -189,9 +200,7 @@ class CpuState:
         self.pk_active = bool(cr4 & CR4_PKE and efer & EFER_LMA)
 
     def _build_rows(self) -> tuple:
-        """Per in-memory level, top first: (level, shift, index mask, rsvd mask of a
-        table pointer, rsvd mask of a page mapping or -1 if PS=1 is not a page here,
-        address mask)."""
+        """One LevelRow per in-memory level, top first."""
         fmt = self.format
         if fmt is None:
             return ()
@@ -202,8 +211,8 @@ class CpuState:
             # M' = min(MAXPHYADDR, 40); the rest of 21:13 is reserved.
             mp = min(m, 40)
             rsvd_4m = mask(13 + mp - 32, 21)
-            return ((2, 22, 0x3FF, 0, rsvd_4m if pse else -1, 0xFFFFF000),
-                    (1, 12, 0x3FF, 0, -1, 0xFFFFF000))
+            return (LevelRow(2, 22, 0x3FF, 0, rsvd_4m if pse else -1, 0xFFFFF000),
+                    LevelRow(1, 12, 0x3FF, 0, -1, 0xFFFFF000))
         addr_mask = mask(12, m - 1)
         rsvd = mask(m, 51)
         if fmt is PAE:
@@ -214,15 +223,22 @@ class CpuState:
         for level in range(fmt.levels, 0, -1):
             shift = 12 + 9 * (level - 1)
             if level == 1:
-                rows.append((1, shift, 0x1FF, rsvd, -1, addr_mask))
+                rows.append(LevelRow(1, shift, 0x1FF, rsvd, -1, addr_mask))
             elif level == 2:
-                rows.append((2, shift, 0x1FF, rsvd, rsvd | mask(13, 20), addr_mask))
+                rows.append(LevelRow(2, shift, 0x1FF, rsvd, rsvd | mask(13, 20), addr_mask))
             elif level == 3 and self.gbpages:
-                rows.append((3, shift, 0x1FF, rsvd, rsvd | mask(13, 29), addr_mask))
+                rows.append(LevelRow(3, shift, 0x1FF, rsvd, rsvd | mask(13, 29), addr_mask))
             else:
                 # PS is reserved in a PML5E/PML4E (and in a PDPTE without 1 GB pages).
-                rows.append((level, shift, 0x1FF, rsvd | PTE_PS, -1, addr_mask))
+                rows.append(LevelRow(level, shift, 0x1FF, rsvd | PTE_PS, -1, addr_mask))
         return tuple(rows)
+
+    def without_cr4(self, bits: int) -> CpuState:
+        """A copy with CR4 ``bits`` cleared and what derives from them recomputed,
+        registers otherwise as they are (no #GP checks, no PDPTE reload): an
+        observer's view of the state, e.g. the rights a walk reports without
+        SMEP/SMAP/PKU in the way.  Not a register write."""
+        return replace(self, cr4=self.cr4 & ~bits)       # __post_init__ derives the rest
 
     @property
     def paging(self) -> bool:
@@ -233,4 +249,4 @@ class CpuState:
                 f"EFER={self.efer:#x} CPL={self.cpl} AC={int(self.ac)} PKRU={self.pkru:#x}")
 
 
-__all__ = ["CpuState", "PagingMode", "access_index", "permission_faults", "BITS32", "PAE", "LEVEL4", "LEVEL5"]
+__all__ = ["CpuState", "LevelRow", "PagingMode", "access_index", "permission_faults", "BITS32", "PAE", "LEVEL4", "LEVEL5"]

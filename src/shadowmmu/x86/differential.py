@@ -846,7 +846,7 @@ def _sdm_checks(case: Case, ours: Outcome) -> list[str]:
         if gp and not bad:
             return [f"SDM 4.4.1 (our model): CR3 load #GP without a reserved PDPTE bit: {pf}"]
     if isinstance(pf, PageFault) and pf.entries and len(case.pieces()) == 1:
-        level, ea, value = pf.entries[-1]
+        level, ea, value, _ = pf.entries[-1]
         if case.mode == "pae" and level == 3:
             return []           # the PDPTE register, not memory
         if any(e[1] == ea for e in pf.entries[:-1]):
@@ -870,7 +870,7 @@ def _qemu_1g_allowance(case: Case, ours: Outcome) -> dict:
     pf = ours.detail
     if case.mode not in ("4-level", "5-level") or not isinstance(pf, PageFault) or not pf.entries:
         return {}
-    level, ea, value = pf.entries[-1]
+    level, ea, value, _ = pf.entries[-1]
     if level != 3 or not value & PTE_PS or not pf.error_code & PF_P or value & PTE_A:
         return {}
     early = _HIGH_RSVD | (0 if case.efer & EFER_NXE else PTE_NX)

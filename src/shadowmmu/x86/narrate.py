@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .bits import (
     ACC_FETCH, ACC_IMPLICIT, ACC_USER, ACC_WRITE, CR0_WP, CR4_SMAP, CR4_SMEP, EFER_NXE, ENTRY_FLAG_NAMES,
-    PF_ID, PF_P, PF_PK, PF_RSVD, PTE_NX, PTE_P, PTE_PKEY_SHIFT, PTE_PS, PTE_U, PTE_W,
+    PF_ID, PF_P, PF_PK, PF_RSVD, PTE_NX, PTE_P, PTE_PKEY_SHIFT, PTE_PS, PTE_U, PTE_W, R_U, R_W, R_X,
     describe_error_code,
 )
 from .cpu import CpuState
@@ -45,7 +45,7 @@ def narrate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool = F
     except NonCanonicalAddress as gp:
         lines.append(f"#GP: {gp}")
         return lines
-    for i, (level, addr, value) in enumerate(entries):
+    for i, (level, addr, value, _) in enumerate(entries):
         leaf = (level == 1 or bool(value & PTE_PS)) and i == len(entries) - 1
         lines.append(f"  {names[level]:<6} @ {addr:#014x} = {value:#018x}  {decode_entry(value, wide, leaf)}")
     if fault is not None:
@@ -55,7 +55,7 @@ def narrate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool = F
         lines.append(f"#PF at {fault.address:#x}: error code {describe_error_code(fault.error_code)}{note}")
         lines.append(f"   because {fault_rule(cpu, access, entries, fault.error_code)}")
     else:
-        rights = "".join(c if ok else "-" for c, ok in (("W", t.writable), ("U", t.user), ("X", t.executable)))
+        rights = "".join(c if t.rights & r else "-" for c, r in (("W", R_W), ("U", R_U), ("X", R_X)))
         lines.append(f"=> physical {t.paddr:#x} ({PAGE_SIZE_NAMES[t.page_shift]} page, rights {rights}"
                      f"{', pkey %d' % t.pkey if t.pkey else ''}{', global' if t.global_page else ''})")
     return lines
@@ -67,7 +67,7 @@ def fault_rule(cpu: CpuState, access: int, entries, error_code: int) -> str:
     names = LEVEL_NAMES[cpu.mode]
     if not entries:
         return "no paging entry was read"
-    level, _, value = entries[-1]
+    level, _, value, _ = entries[-1]
     where = f"the {names[level]}"
     if not error_code & PF_P:
         return f"{where} is not present (P=0)"
@@ -80,7 +80,7 @@ def fault_rule(cpu: CpuState, access: int, entries, error_code: int) -> str:
                 f"protection key {key} of this user page: PKRU.WD{key}=1 denies writes"
                 + ("" if access & ACC_USER else " (with CR0.WP=1, supervisor writes too)"))
     # U/S, R/W and XD are ANDed over the levels; a PAE PDPTE (a register) has none of them
-    rights_entries = [(lvl, v) for lvl, _, v in entries if not (cpu.mode is PagingMode.PAE and lvl == 3)]
+    rights_entries = [(lvl, v) for lvl, _, v, _ in entries if not (cpu.mode is PagingMode.PAE and lvl == 3)]
     user_page = all(v & PTE_U for _, v in rights_entries)
     if access & ACC_USER and not user_page:
         lvl = next(lvl for lvl, v in rights_entries if not v & PTE_U)

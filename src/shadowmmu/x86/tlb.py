@@ -12,8 +12,8 @@ fault (or the D update) comes from the paging structures in memory.
 
 from __future__ import annotations
 
-from .bits import ACC_WRITE
-from .cpu import R_U, CpuState, access_index
+from .bits import ACC_WRITE, R_U
+from .cpu import CpuState, access_index
 from .walker import _pkey_denies, translate
 
 _LARGE_SHIFTS = (21, 22, 30)
@@ -65,8 +65,7 @@ class Tlb:
     def fill(self, t) -> None:
         shift = t.page_shift
         vpn = t.vaddr >> 12
-        entry = (t.paddr & ~0xFFF, int(t.writable) | (int(t.user) << 1) | (int(t.executable) << 2),
-                 t.dirty, t.global_page, t.pkey)
+        entry = (t.paddr & ~0xFFF, t.rights, t.dirty, t.global_page, t.pkey)
         if len(self.small) >= self.capacity:
             self.flush()        # a crude but correct replacement policy: dropping entries is always allowed
         self.small[vpn] = entry

@@ -23,27 +23,43 @@ from typing import NamedTuple
 
 from .bits import (
     ACC_FETCH, ACC_IMPLICIT, ACC_USER, ACC_WRITE, PF_P, PF_PK, PF_RSVD, PTE_A, PTE_D,
-    PTE_NX, PTE_P, PTE_PKEY_SHIFT, PTE_PS, PTE_U, PTE_W,
+    PTE_NX, PTE_P, PTE_PKEY_SHIFT, PTE_PS, PTE_U, PTE_W, R_U, R_W, R_X,
 )
-from .cpu import A_SMAP_OVERRIDE, R_U, CpuState
+from .cpu import A_SMAP_OVERRIDE, CpuState
 from .faults import NonCanonicalAddress, PageFault
 from .formats import PagingMode
 
 PAGE_SIZE_NAMES = {12: "4K", 21: "2M", 22: "4M", 30: "1G"}
 
 
+class WalkStep(NamedTuple):
+    """One level of a walk (KVM's guest_walker keeps the same facts in parallel
+    arrays: ``table_gfn[]``, ``pte_gpa[]``, ``ptes[]``, ``pt_access[]``).
+
+    ``rights`` is what this entry and every entry above it grant together
+    (R_W|R_U|R_X, before CR0.WP/SMEP/SMAP/PKRU apply); a PAE PDPTE grants all.
+    For an entry the walk faulted on (not present, reserved bit) it is meaningless."""
+    level: int
+    addr: int                # physical address of the entry
+    value: int               # the entry as memory holds it after the walk (A/D set)
+    rights: int
+
+    @property
+    def table_gfn(self) -> int:
+        """The frame of the table that holds the entry."""
+        return self.addr >> 12
+
+
 class Translation(NamedTuple):
     """The result of a successful walk.
 
-    ``entries`` is ((level, physical address, value), ...) top to bottom; the value
-    is what memory holds after the walk (A/D set).  In PAE mode the first entry is
-    the PDPTE register, with the address it was loaded from."""
+    ``entries`` holds the WalkSteps top to bottom (empty without paging, or when
+    walked with ``record=False``); in PAE mode the first is the PDPTE register,
+    with the address it was loaded from."""
     vaddr: int
     paddr: int
     page_shift: int          # 12, 21, 22 or 30
-    writable: bool
-    user: bool
-    executable: bool
+    rights: int              # R_W|R_U|R_X of the whole walk
     pkey: int
     global_page: bool
     dirty: bool              # the leaf's D bit after the walk (True without paging: no D to set)
@@ -53,13 +69,42 @@ class Translation(NamedTuple):
     def page_size(self) -> str:
         return PAGE_SIZE_NAMES[self.page_shift]
 
+    @property
+    def writable(self) -> bool:
+        return bool(self.rights & R_W)
+
+    @property
+    def user(self) -> bool:
+        return bool(self.rights & R_U)
+
+    @property
+    def executable(self) -> bool:
+        return bool(self.rights & R_X)
+
+    @property
+    def leaf(self) -> int:
+        """The guest's leaf entry after the walk; without paging, a dirty, accessed
+        page (nothing to set, nothing to trap)."""
+        return self.entries[-1].value if self.entries else PTE_A | PTE_D
+
 
 _VALID_ACCESS = ACC_WRITE | ACC_USER | ACC_FETCH | ACC_IMPLICIT
 # every legal combination: no fetch that writes, no implicit access from user mode
 _VALID_ACCESSES = frozenset(a for a in range(_VALID_ACCESS + 1) if not a & ~_VALID_ACCESS
                             and not (a & ACC_FETCH and a & ACC_WRITE) and not (a & ACC_IMPLICIT and a & ACC_USER))
 _NONE, _PAE = PagingMode.NONE, PagingMode.PAE
-_RIGHT_BOOLS = tuple((bool(r & 1), bool(r & 2), bool(r & 4)) for r in range(8))   # R_W, R_U, R_X
+_NO_PAGING = R_W | R_U | R_X
+
+
+def fault_error_code(cpu: CpuState, access: int, cause: int = 0) -> int:
+    """The #PF error code of ``access`` (SDM 4.7): W and U from the access, I/D
+    only when the CPU reports it (SMEP, or NX in a PAE-format walk), plus
+    ``cause``: 0 for a not-present entry, PF_P for a protection fault, PF_P|PF_RSVD
+    for a reserved bit, PF_P|PF_PK for a protection-key fault."""
+    err = access & (ACC_WRITE | ACC_USER)
+    if access & ACC_FETCH and cpu.report_id:
+        err |= ACC_FETCH
+    return err | cause
 
 
 def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool = True,
@@ -77,7 +122,8 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
     if mode is _NONE:
         if not 0 <= vaddr < 1 << 32:
             raise ValueError(f"linear address {vaddr:#x} does not fit in 32 bits")
-        return Translation(vaddr, vaddr, 12, True, True, True, 0, False, True, ())
+        return Translation(vaddr=vaddr, paddr=vaddr, page_shift=12, rights=_NO_PAGING, pkey=0,
+                           global_page=False, dirty=True, entries=())
     fmt = cpu.format
     va_bits = fmt.va_bits
     if va_bits > 32:
@@ -95,88 +141,87 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
     # Effective rights, accumulated by AND.  NX is inverted first so that it ANDs
     # like W and U: bit 63 of `rights` ends up set only if no level has NX.
     rights = PTE_W | PTE_U | PTE_NX
-    err_base = access & (ACC_WRITE | ACC_USER)
-    if access & ACC_FETCH and cpu.report_id:
-        err_base |= ACC_FETCH
     rows = cpu.rows
+    # The walk's one fault exit: a check that fails sets `cause` (the error code's
+    # P/RSVD/PK bits) and leaves the loop with `level`, `e` and its address set.
+    cause = -1
 
     if mode is _PAE:
         i = (vaddr >> 30) & 3
-        pdpte = cpu.pdptes[i]
-        if record:
-            entries.append((3, cpu.pdpte_addrs[i], pdpte))
-        if not pdpte & PTE_P:
-            if probe:
-                return None
-            raise PageFault(vaddr, err_base, tuple(entries))
-        table = (pdpte & rows[0][5]) >> 12
-    else:
-        table = (cpu.cr3 & rows[0][5]) >> 12
-
-    for level, shift, idx_mask, rsvd_table, rsvd_page, addr_mask in rows:
-        idx = (vaddr >> shift) & idx_mask
-        f = frames.get(table)
-        e = f[view][idx] if f is not None else (mem.qwords(table) if wide else mem.dwords(table))[idx]
+        e = cpu.pdptes[i]
+        level, e_addr = 3, cpu.pdpte_addrs[i]
         if not e & PTE_P:
-            if probe:
-                return None
-            raise PageFault(vaddr, err_base,
-                            (*entries, (level, (table << 12) | (idx << entry_shift), e)) if record else ())
-        if level == 1 or (e & PTE_PS and rsvd_page >= 0):
-            if e & (rsvd_page if level > 1 else rsvd_table):
-                if probe:
-                    return None
-                raise PageFault(vaddr, err_base | PF_RSVD | PF_P,
-                                (*entries, (level, (table << 12) | (idx << entry_shift), e)) if record else ())
-            leaf_shift, leaf_pfn, leaf_idx, leaf_value, leaf_frame = shift, table, idx, e, f
-            break
-        if e & rsvd_table:
-            if probe:
-                return None
-            raise PageFault(vaddr, err_base | PF_RSVD | PF_P,
-                            (*entries, (level, (table << 12) | (idx << entry_shift), e)) if record else ())
-        rights &= e ^ PTE_NX if wide else e | PTE_NX
-        if not e & PTE_A and set_ad:
-            e |= PTE_A
-            if f is not None:       # None: memory that drops writes (nothing behind the address)
-                f[view][idx] = e
-        if record:
-            entries.append((level, (table << 12) | (idx << entry_shift), e))
-        table = (e & addr_mask) >> 12
-    rights &= leaf_value ^ PTE_NX if wide else leaf_value | PTE_NX
+            cause = 0
+        else:
+            if record:
+                entries.append(WalkStep(3, e_addr, e, _NO_PAGING))
+            table = (e & rows[0].addr_mask) >> 12
+    else:
+        table = (cpu.cr3 & rows[0].addr_mask) >> 12
 
-    r = ((rights >> 1) & 3) | ((rights >> 61) & 4)       # R_W | R_U | R_X
-    acc = ((access & 6) << 2) | ((access & 16) << 1)      # cpu.access_index(), inlined (hot path)
-    if cpu.ac and not access & (ACC_USER | ACC_IMPLICIT):
-        acc |= A_SMAP_OVERRIDE
-    write = access & ACC_WRITE
-    pk_denied = cpu.pk_active and r & R_U and not access & ACC_FETCH and _pkey_denies(
-        cpu, (leaf_value >> PTE_PKEY_SHIFT) & 0xF, write, access)
-    leaf_addr = (leaf_pfn << 12) | (leaf_idx << entry_shift)
-    if cpu.perm[r | acc] or pk_denied:
+    if cause < 0:
+        for level, shift, idx_mask, rsvd_table, rsvd_page, addr_mask in rows:
+            idx = (vaddr >> shift) & idx_mask
+            f = frames.get(table)
+            e = f[view][idx] if f is not None else (mem.qwords(table) if wide else mem.dwords(table))[idx]
+            if not e & PTE_P:
+                cause = 0
+                break
+            if level == 1 or (e & PTE_PS and rsvd_page >= 0):
+                if e & (rsvd_page if level > 1 else rsvd_table):
+                    cause = PF_RSVD | PF_P
+                    break
+                leaf_shift, leaf_idx, leaf_frame = shift, idx, f
+                break
+            if e & rsvd_table:
+                cause = PF_RSVD | PF_P
+                break
+            rights &= e ^ PTE_NX if wide else e | PTE_NX
+            if not e & PTE_A and set_ad:
+                e |= PTE_A
+                if f is not None:       # None: memory that drops writes (nothing behind the address)
+                    f[view][idx] = e
+            if record:
+                entries.append(WalkStep(level, (table << 12) | (idx << entry_shift), e,
+                                        ((rights >> 1) & 3) | ((rights >> 61) & 4)))
+            table = (e & addr_mask) >> 12
+        e_addr = (table << 12) | (idx << entry_shift)
+
+    if cause < 0:
+        rights &= e ^ PTE_NX if wide else e | PTE_NX
+        r = ((rights >> 1) & 3) | ((rights >> 61) & 4)       # R_W | R_U | R_X
+        acc = ((access & 6) << 2) | ((access & 16) << 1)      # cpu.access_index(), inlined (hot path)
+        if cpu.ac and not access & (ACC_USER | ACC_IMPLICIT):
+            acc |= A_SMAP_OVERRIDE
+        write = access & ACC_WRITE
+        pk_denied = cpu.pk_active and r & R_U and not access & ACC_FETCH and _pkey_denies(
+            cpu, (e >> PTE_PKEY_SHIFT) & 0xF, write, access)
+        if cpu.perm[r | acc] or pk_denied:
+            cause = PF_P | (PF_PK if pk_denied else 0)
+
+    if cause >= 0:
         if probe:
             return None
-        raise PageFault(vaddr, err_base | PF_P | (PF_PK if pk_denied else 0),
-                        (*entries, (level, leaf_addr, leaf_value)) if record else ())
+        raise PageFault(vaddr, fault_error_code(cpu, access, cause),
+                        (*entries, WalkStep(level, e_addr, e, 0)) if record else ())
 
     if set_ad:
-        new = leaf_value | (PTE_A | PTE_D if write else PTE_A)
-        if new != leaf_value:
+        new = e | (PTE_A | PTE_D if write else PTE_A)
+        if new != e:
             if leaf_frame is not None:
                 leaf_frame[view][leaf_idx] = new
-            leaf_value = new
+            e = new
     if record:
-        entries.append((level, leaf_addr, leaf_value))
+        entries.append(WalkStep(level, e_addr, e, r))
 
     if leaf_shift == 22:
         # PSE-36: PDE bits 20:13 are physical address bits 39:32 (as many as MAXPHYADDR allows).
-        base = (leaf_value & 0xFFC00000) | (((leaf_value >> 13) & 0xFF) << 32)
+        base = (e & 0xFFC00000) | (((e >> 13) & 0xFF) << 32)
     else:
-        base = leaf_value & addr_mask & ~((1 << leaf_shift) - 1)
-    w, u, x = _RIGHT_BOOLS[r]
-    return Translation(vaddr, base | (vaddr & ((1 << leaf_shift) - 1)), leaf_shift, w, u, x,
-                       (leaf_value >> PTE_PKEY_SHIFT) & 0xF if fmt.pkeys else 0,
-                       leaf_value & 0x100 != 0, leaf_value & PTE_D != 0, tuple(entries))
+        base = e & addr_mask & ~((1 << leaf_shift) - 1)
+    return Translation(vaddr=vaddr, paddr=base | (vaddr & ((1 << leaf_shift) - 1)), page_shift=leaf_shift,
+                       rights=r, pkey=(e >> PTE_PKEY_SHIFT) & 0xF if fmt.pkeys else 0,
+                       global_page=e & 0x100 != 0, dirty=e & PTE_D != 0, entries=tuple(entries))
 
 
 def _pkey_denies(cpu: CpuState, key: int, write: int, access: int) -> bool:
