@@ -1,6 +1,11 @@
-"""Run the shadow MMU's own tests first, the short named ones before the random
-campaigns: a broken MMU then fails `make test` early, before the slower workload
-and CLI tests have run (pytest-xdist hands tests to its workers in collection order)."""
+"""Every shadow MMU a test builds runs its audit points.  The shadow MMU's own
+tests run first, the short named ones before the random campaigns: a broken MMU
+then fails `make test` early, before the slower workload and CLI tests have run
+(pytest-xdist hands tests to its workers in collection order)."""
+
+import pytest
+
+from shadowmmu.mmu.mmu import ShadowMMU
 
 FIRST = ("test_mmu_exits.py", "test_mmu_features.py", "test_lockstep.py", "test_mmu_mutants.py")
 CAMPAIGNS = ("test_native_and_shadow_are_indistinguishable", "test_seeded_campaign",
@@ -14,3 +19,11 @@ def pytest_collection_modifyitems(config, items):
             return (2, 0)
         return (int(item.name.startswith(CAMPAIGNS)), FIRST.index(name))
     items.sort(key=rank)         # stable: the order within each group is kept
+
+
+@pytest.fixture(autouse=True)
+def audit_every_mmu(monkeypatch):
+    """The audit points of every ShadowMMU built without an explicit ``audit=``
+    (KVM's mmu_audit.c): a broken invariant fails the test at the exit where it
+    breaks, not later where it shows.  Long workloads choose an interval."""
+    monkeypatch.setattr(ShadowMMU, "audit_by_default", True)

@@ -23,12 +23,14 @@ class VM:
     Otherwise a shadow MMU whose pte-write ``policy`` is "zap" (before the seed) or
     "update" (the seed), as the command line's ``--policy``; ``pte_write`` is the
     same knob under the name the MMU gives it.  ``seed_access_bug`` restores the
-    seed's update_pte rights; ``pool_pages`` bounds the shadow page pool.
+    seed's update_pte rights; ``pool_pages`` bounds the shadow page pool;
+    ``audit`` sets the MMU's audit points (see ShadowMMU).
     ``vm.policy`` and ``vm.exits`` (exits by reason) read the result back."""
 
     def __init__(self, ram_size: int = 256 << 20, *, native: bool = False, policy: str | None = None,
                  pte_write: str | None = None, seed_access_bug: bool = False, pool_pages: int = 4096,
-                 nr_vcpus: int = 1, maxphyaddr: int = 40, tracing: bool = False):
+                 nr_vcpus: int = 1, maxphyaddr: int = 40, tracing: bool = False,
+                 audit: bool | int | None = None):
         if policy is not None and pte_write is not None and policy != pte_write:
             raise ValueError(f"policy={policy!r} and pte_write={pte_write!r} name the same knob: give one")
         pte_write = policy or pte_write or "update"
@@ -56,7 +58,8 @@ class VM:
         self.mmu = None
         if not native:
             self.mmu = ShadowMMU(self.host, self.gmem, list(range(pool_base, pool_base + extra)),
-                                 pte_write=pte_write, seed_access_bug=seed_access_bug, events=self.events)
+                                 pte_write=pte_write, seed_access_bug=seed_access_bug, events=self.events,
+                                 audit=audit)
         self.vcpus = [VCpu(self, i) for i in range(nr_vcpus)]
 
     @property
