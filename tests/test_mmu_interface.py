@@ -40,6 +40,15 @@ def test_each_walk_step_carries_its_table_entry_and_the_rights_so_far():
     assert [s.rights for s in t.entries] == [R_W | R_U | R_X, R_U, R_U, R_U]
     assert t.rights == R_U and not t.writable and t.user and not t.executable
     assert t.leaf == t.entries[-1].value and t.paddr == 0x5123
+    assert [t.at_level(n) for n in (4, 3, 2, 1)] == list(t.entries)
+    assert t.at_level(5) is None and t.at_level(0) is None
+
+
+def test_a_large_page_walk_has_no_step_below_its_leaf():
+    mem, cpu = _four_level(W | U, W | U, W | U | 0x80, 0)       # PS in the PDE: a 2 MB page
+    mem.write_u64(3 << 12, 0x20_0000 | P | W | U | 0x80)
+    t = translate(mem, cpu, 0x1234, 0)
+    assert t.page_shift == 21 and t.at_level(2).value & 0x80 and t.at_level(1) is None
 
 
 def test_a_fault_carries_the_steps_up_to_the_faulting_entry():

@@ -110,8 +110,6 @@ class FaultPath:
         st = vcpu.mmu_state
         base = st.base_role
         glevels = base.glevels
-        steps = walk.entries               # WalkSteps, top first; none without guest paging
-        top = steps[0].level if steps else 0
         if glevels >= 4:
             sp, level = st.roots[0], glevels
         else:
@@ -132,9 +130,9 @@ class FaultPath:
                     self.lru.move_to_end(child)
                     sp, level = child, child_level
                     continue
-            # the guest entry of this level, if the guest has one (not below its leaf)
-            step = steps[top - level] if level >= gpage_level and steps else None
-            # what it and the entries above grant: the child's inherited rights
+            # the guest entry of this level (none below a guest large page, or without
+            # paging), and what it and the entries above grant: the child's inherited rights
+            step = walk.at_level(level)
             rights_above = step.rights if step is not None else walk.rights
             if large:
                 # guest large page (or no paging): a direct page of 4K sptes, keyed by

@@ -81,6 +81,16 @@ class Translation(NamedTuple):
     def executable(self) -> bool:
         return bool(self.rights & R_X)
 
+    def at_level(self, level: int) -> WalkStep | None:
+        """The step of ``level``; None where the walk read no entry of that level
+        (below the leaf, above a PAE PDPTE, without paging or with record=False)."""
+        entries = self.entries
+        if entries:
+            i = entries[0].level - level
+            if 0 <= i < len(entries):
+                return entries[i]
+        return None
+
     @property
     def leaf(self) -> int:
         """The guest's leaf entry after the walk; without paging, a dirty, accessed
