@@ -3,12 +3,15 @@
 It runs on a vCPU and has no back door: every read and write of its page tables,
 every page it zeroes, copies or fills, is a load or store at CPL0 through the
 direct map; user work is loads/stores/fetches at CPL3 (``user.py``).  It never
-looks at ``vm.gmem`` or ``vm.host``.  The same code runs on native paging and on
-the shadow MMU, for the 32-bit, PAE and 4-level formats (``paging.py``).
+looks at ``vm.gmem`` or ``vm.host``, nor at the VM's exit counters or its MMU:
+measuring a run is ``shadowmmu.analysis``'s business (the fault handler only tells
+an observer what kind of fault it took, ``fault.py``).  The same code runs on
+native paging and on the shadow MMU, for the 32-bit, PAE and 4-level formats
+(``paging.py``).
 
-What it does, as Linux 2.6 (~2.6.22, the seed's era) did it, simplified:
-Each concern is a module, and ``Kernel`` is their mixins combined (one object, so
-a hot path pays one attribute lookup per call, as before the split):
+What it does, as Linux 2.6 (~2.6.22, the seed's era) did it, simplified, is told
+in the module of each concern.  ``Kernel`` is their mixins combined: one object,
+so a hot path pays one attribute lookup per call, as before the split.
 
 - ``boot.py``        the kernel's state and its boot
 - ``page_alloc.py``  frames: the allocator, reference counts, clear/copy a page

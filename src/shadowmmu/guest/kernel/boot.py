@@ -25,7 +25,6 @@ from collections import deque
 from ...x86.bits import CR4_PGE, PTE_P
 from ...x86.builder import control_registers
 from ..files import File
-from ..measure import FaultMeter
 from ..paging import guest_paging
 from .process import Process
 
@@ -72,7 +71,7 @@ class Boot:
         self.runq: deque = deque()
         self.current: Process | None = None
         self.loaded_pgd = 0
-        self.meter = FaultMeter(self)
+        self.fault_observer = None         # see fault.py: told the kind of each fault
         self.segfaults: list[str] = []
         self.po = pg.page_offset
         self.psz = pg.pte_size
@@ -126,7 +125,6 @@ class Boot:
         v.setup_paging(**regs)
         self.loaded_pgd = swapper
         v.set_fault_handler(self._page_fault)
-        self.meter.install()
         # Hand every remaining frame to the allocator; "warm": zero them all now.
         self.fresh = bump
         if self.frames == "warm":
@@ -141,6 +139,5 @@ class Boot:
             self.boot_pages_zeroed = 0
             self.zero_page = self._alloc_page(zero=True)
         self.ref[self.zero_page >> 12] = 1
-        self.boot_exits = dict(self.vm.events.exits)
         self.boot_free = self.nr_free()
         self.events = dict.fromkeys(EVENT_NAMES, 0)

@@ -9,6 +9,14 @@ private mapping.  Present read-only pte and a write in a writable VMA → copy o
 write: reuse the page when the faulting process holds the only reference,
 otherwise copy it (from the zero page: zero a new one).  Each changed pte is
 one store (ptep_establish) followed by INVLPG; a new pte needs no flush.
+
+The handler tells ``Kernel.fault_observer`` (None, or a callable set from outside
+the guest, e.g. ``analysis/fault_meter.py``) what only it knows, once per fault
+and before it acts: ``observer(kind, table_gpa, new_table)`` -- the kind it
+classified (``FAULT_KINDS``), the guest-physical address of the page table holding
+the faulting pte (None for SIGSEGV) and whether it allocated that table for this
+fault.  Like a tracepoint, the call reads nothing back and changes nothing the
+kernel does; the kernel itself never reads a hypervisor counter.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ from ..user import PROT_EXEC, PROT_READ, PROT_WRITE
 from .errors import GuestKernelError, Segfault
 from .mm import STACK_LIMIT, Mm, Vma
 from .process import Process
+
+# What the handler tells its observer a fault was (``Kernel.fault_observer``):
+FAULT_KINDS = ("demand", "cow", "file", "segv", "spurious")
 
 
 class Faults:
@@ -50,33 +61,38 @@ class Faults:
         tables = ev["page_tables_allocated"]
         ptep = self._pte_alloc(mm, addr)
         pte = self._ld(ptep)
-        case = (ptep - self.po) & ~0xFFF, ev["page_tables_allocated"] != tables     # for the fault meter
         if not pte & PTE_P:
-            if vma.file is not None:
-                self.meter.kind("file", *case)
-                ev["file_faults"] += 1
-                self._do_file_fault(mm, vma, addr, ptep, write)
-            else:
-                self.meter.kind("demand", *case)
-                ev["demand_faults"] += 1
-                if write:
-                    new = self._alloc_page(zero=True)
-                    self._set_pte(ptep, new | self._pte_flags(vma, True))
-                else:
-                    ev["zero_page_maps"] += 1
-                    self._set_pte(ptep, self.zero_page | self._pte_flags(vma, False))
+            kind = "demand" if vma.file is None else "file"
         elif write and not pte & PTE_W:
-            self.meter.kind("cow", *case)
+            kind = "cow"
+        else:
+            kind = "spurious"      # the pte already allows the access: a stale TLB entry (never with our flushing)
+        obs = self.fault_observer
+        if obs is not None:
+            # what the handler knows: the kind, the page table holding the pte, whether it had to allocate it
+            obs(kind, (ptep - self.po) & ~0xFFF, ev["page_tables_allocated"] != tables)
+        if kind == "demand":
+            ev["demand_faults"] += 1
+            if write:
+                new = self._alloc_page(zero=True)
+                self._set_pte(ptep, new | self._pte_flags(vma, True))
+            else:
+                ev["zero_page_maps"] += 1
+                self._set_pte(ptep, self.zero_page | self._pte_flags(vma, False))
+        elif kind == "file":
+            ev["file_faults"] += 1
+            self._do_file_fault(mm, vma, addr, ptep, write)
+        elif kind == "cow":
             ev["cow_faults"] += 1
             self._do_wp_page(vma, addr, ptep, pte)
         else:
-            # The pte already allows the access: a stale TLB entry (never with our flushing).
-            self.meter.kind("spurious", *case)
             ev["spurious_faults"] += 1
             self._invlpg(addr)
 
     def _segv(self, p: Process, addr: int, err: int, why: str):
-        self.meter.kind("segv")
+        obs = self.fault_observer
+        if obs is not None:
+            obs("segv", None, False)
         self.events["segv"] += 1
         exc = Segfault(p.pid, addr, err, why)
         self.segfaults.append(str(exc))
