@@ -293,3 +293,67 @@ def test_cold_boot_of_a_64_gib_guest_allocates_only_what_it_touches():
     with pytest.raises(ValueError, match="frames must be one of warm, cold"):
         boot(VM(RAM), "64", frames="tepid")
 
+
+@pytest.mark.parametrize("guest", GUEST_FORMATS)
+def test_the_fault_handler_tells_its_observer_what_it_classified(guest):
+    """Kernel.fault_observer hears, once per fault and before the handler acts, the
+    kind, the guest-physical page table holding the pte and whether the handler
+    allocated that table for this fault (the guest's own knowledge, nothing more)."""
+    vm, k = boot_kernel("update", guest)
+    heard = []
+    k.fault_observer = lambda kind, table, new_table: heard.append(
+        (kind, table, new_table, k.events["demand_faults"] + k.events["cow_faults"]))
+
+    def child(u, addr):
+        u.write(addr, 1, 1, tag=8)                   # copy on write, in the child's table
+        yield exit_(0)
+
+    def parent(u):
+        addr = yield mmap(2)
+        u.write(addr, 2, 1, tag=7)                   # two demand faults, one table
+        yield fork(child, addr)
+        yield wait()
+        u.ld(0x1000)                                 # nothing is mapped at 4 KB: SIGSEGV
+        yield exit_(0)
+    k.spawn(image(k), parent)
+    k.run()
+    assert [h[0] for h in heard] == ["demand", "demand", "cow", "segv"]
+    (_, t0, new0, n0), (_, t1, new1, n1), (_, t2, new2, n2), segv = heard
+    assert (n0, n1, n2) == (0, 1, 2)                 # heard before the handler counted the fault
+    assert new0 and not new1 and not new2            # the first allocated the table, fork filled the child's
+    assert t0 == t1 and t2 != t0 and not t0 & 0xFFF and not t2 & 0xFFF
+    assert 0 < t0 < k.nframes << 12
+    assert segv == ("segv", None, False, 3)         # after the three faults were handled
+
+
+def test_the_guest_imports_no_hypervisor_layer_and_reads_no_counter():
+    """The guest runs on a vCPU and measures nothing: no module of shadowmmu.guest
+    imports analysis, vm or mmu, and of the VM it uses only the vCPU and the RAM size
+    (measuring a run is analysis/run.py and analysis/fault_meter.py)."""
+    import ast
+    import importlib.util
+    import pathlib
+
+    import shadowmmu.guest
+    root = pathlib.Path(shadowmmu.guest.__file__).parent
+    forbidden = ("shadowmmu.analysis", "shadowmmu.vm", "shadowmmu.mmu")
+    checked = 0
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        module = ".".join(("shadowmmu", *parts))
+        package = module.removesuffix(".__init__") if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [importlib.util.resolve_name("." * node.level + (node.module or ""), package)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Attribute):
+                owner = node.value.id if isinstance(node.value, ast.Name) else getattr(node.value, "attr", None)
+                assert not (owner == "vm" and node.attr not in ("vcpu", "ram_pages")), f"{path}: vm.{node.attr}"
+                assert node.attr not in ("mmu", "exits", "access_hook"), f"{path}: .{node.attr}"
+                continue
+            else:
+                continue
+            assert not any(n == f or n.startswith(f + ".") for n in names for f in forbidden), f"{path}: {names}"
+            checked += 1
+    assert checked > 20                              # the scan saw the package's imports
