@@ -2,6 +2,7 @@
 
 import pytest
 
+from shadowmmu.analysis.fault_meter import FaultMeter
 from shadowmmu.guest import GUEST_FORMATS, boot
 from shadowmmu.guest.kernel import Image
 from shadowmmu.guest.user import (
@@ -33,9 +34,15 @@ def make_vm(policy):
 
 def boot_kernel(policy, guest, **kw):
     vm = make_vm(policy)
-    k = boot(vm, guest, seed=1, **kw)
-    k.meter.keep_samples = 10_000
-    return vm, k
+    return vm, boot(vm, guest, seed=1, **kw)
+
+
+def boot_metered(policy, guest, **kw):
+    """A kernel with the fault meter attached, keeping every fault's (exits, by reason)."""
+    vm, k = boot_kernel(policy, guest, **kw)
+    meter = FaultMeter.attach(k)
+    meter.keep_samples = 10_000
+    return vm, k, meter
 
 
 def image(k, name="prog", text=2, data=1):
@@ -47,7 +54,7 @@ def image(k, name="prog", text=2, data=1):
 @pytest.mark.parametrize("guest", GUESTS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_steady_state_demand_fault_exits(policy, guest):
-    vm, k = boot_kernel(policy, GUESTS[guest][0], **GUESTS[guest][1])
+    vm, k, meter = boot_metered(policy, GUESTS[guest][0], **GUESTS[guest][1])
     n = 40
 
     def prog(u):
@@ -57,7 +64,7 @@ def test_steady_state_demand_fault_exits(policy, guest):
         yield exit_(0)
     k.spawn(image(k), prog)
     k.run()
-    samples = k.meter.samples["demand"]
+    samples = meter.samples["demand"]
     assert len(samples) == n
     # the first fault allocates the page table (its shadow does not exist yet): not steady state
     for exits, reasons in samples[2:]:
@@ -68,7 +75,7 @@ def test_steady_state_demand_fault_exits(policy, guest):
 @pytest.mark.parametrize("guest", GUESTS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_steady_state_cow_fault_exits_and_semantics(policy, guest):
-    vm, k = boot_kernel(policy, GUESTS[guest][0], **GUESTS[guest][1])
+    vm, k, meter = boot_metered(policy, GUESTS[guest][0], **GUESTS[guest][1])
     n = 24
     seen = {}
 
@@ -85,7 +92,7 @@ def test_steady_state_cow_fault_exits_and_semantics(policy, guest):
         u.write(addr, n, 1, tag=5)
         yield fork(child, addr)
         yield wait()
-        k.meter.samples["cow"].clear()
+        meter.samples["cow"].clear()
         # ... and the child's writes are not visible in the parent
         u.verify()
         seen["parent"] = [u.ld(addr + (i << 12)) for i in range(n)]
@@ -99,7 +106,7 @@ def test_steady_state_cow_fault_exits_and_semantics(policy, guest):
     assert k.events["cow_faults"] == 2 * n
     assert k.events["cow_reused"] == n
     assert k.events["pages_copied"] - copied_before >= n
-    samples = k.meter.samples["cow"]
+    samples = meter.samples["cow"]
     assert len(samples) == n                            # the parent's reuse faults
     for exits, reasons in samples[2:]:
         assert (exits, reasons) == steady(policy, guest)
@@ -237,7 +244,7 @@ def test_pae_halves_defeats_update_pte(policy):
     """i386 PAE writes a pte as two 4-byte halves (the default PAE guest): no store
     covers a whole pte, so the seed's update_pte never fires and a demand fault
     costs 4 exits either way."""
-    vm, k = boot_kernel(policy, "pae")
+    vm, k, meter = boot_metered(policy, "pae")
     assert k.pae_halves
 
     def prog(u):
@@ -246,7 +253,7 @@ def test_pae_halves_defeats_update_pte(policy):
         yield exit_(0)
     k.spawn(image(k), prog)
     k.run()
-    for exits, reasons in k.meter.samples["demand"][2:]:
+    for exits, reasons in meter.samples["demand"][2:]:
         assert reasons == {"pf_injected": 1, "pte_write": 2, "pf_fixed": 1}
 
 
@@ -259,7 +266,7 @@ COLD = {"zap": {"pf_injected": 1, "pte_write": 1, "pf_fixed": 2}, "update": {"pf
 def test_cold_frames_cost_one_more_exit_per_demand_fault(policy, guest):
     """frames="cold": the frame a demand fault allocates was never touched, so the
     kernel's clear_page through the direct map takes a hidden #PF (4 exits / 3)."""
-    vm, k = boot_kernel(policy, guest, frames="cold")
+    vm, k, meter = boot_metered(policy, guest, frames="cold")
     assert k.boot_pages_zeroed == 0
 
     def prog(u):
@@ -269,7 +276,7 @@ def test_cold_frames_cost_one_more_exit_per_demand_fault(policy, guest):
         yield exit_(0)
     k.spawn(image(k), prog)
     k.run()
-    for exits, reasons in k.meter.samples["demand"][2:]:
+    for exits, reasons in meter.samples["demand"][2:]:
         assert (exits, reasons) == (sum(COLD[policy].values()), COLD[policy])
 
 
@@ -285,3 +292,68 @@ def test_cold_boot_of_a_64_gib_guest_allocates_only_what_it_touches():
     assert len(guest_frames) == 1 + 1 + 64 + 1
     with pytest.raises(ValueError, match="frames must be one of warm, cold"):
         boot(VM(RAM), "64", frames="tepid")
+
+
+@pytest.mark.parametrize("guest", GUEST_FORMATS)
+def test_the_fault_handler_tells_its_observer_what_it_classified(guest):
+    """Kernel.fault_observer hears, once per fault and before the handler acts, the
+    kind, the guest-physical page table holding the pte and whether the handler
+    allocated that table for this fault (the guest's own knowledge, nothing more)."""
+    vm, k = boot_kernel("update", guest)
+    heard = []
+    k.fault_observer = lambda kind, table, new_table: heard.append(
+        (kind, table, new_table, k.events["demand_faults"] + k.events["cow_faults"]))
+
+    def child(u, addr):
+        u.write(addr, 1, 1, tag=8)                   # copy on write, in the child's table
+        yield exit_(0)
+
+    def parent(u):
+        addr = yield mmap(2)
+        u.write(addr, 2, 1, tag=7)                   # two demand faults, one table
+        yield fork(child, addr)
+        yield wait()
+        u.ld(0x1000)                                 # nothing is mapped at 4 KB: SIGSEGV
+        yield exit_(0)
+    k.spawn(image(k), parent)
+    k.run()
+    assert [h[0] for h in heard] == ["demand", "demand", "cow", "segv"]
+    (_, t0, new0, n0), (_, t1, new1, n1), (_, t2, new2, n2), segv = heard
+    assert (n0, n1, n2) == (0, 1, 2)                 # heard before the handler counted the fault
+    assert new0 and not new1 and not new2            # the first allocated the table, fork filled the child's
+    assert t0 == t1 and t2 != t0 and not t0 & 0xFFF and not t2 & 0xFFF
+    assert 0 < t0 < k.nframes << 12
+    assert segv == ("segv", None, False, 3)         # after the three faults were handled
+
+
+def test_the_guest_imports_no_hypervisor_layer_and_reads_no_counter():
+    """The guest runs on a vCPU and measures nothing: no module of shadowmmu.guest
+    imports analysis, vm or mmu, and of the VM it uses only the vCPU and the RAM size
+    (measuring a run is analysis/run.py and analysis/fault_meter.py)."""
+    import ast
+    import importlib.util
+    import pathlib
+
+    import shadowmmu.guest
+    root = pathlib.Path(shadowmmu.guest.__file__).parent
+    forbidden = ("shadowmmu.analysis", "shadowmmu.vm", "shadowmmu.mmu")
+    checked = 0
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        module = ".".join(("shadowmmu", *parts))
+        package = module.removesuffix(".__init__") if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [importlib.util.resolve_name("." * node.level + (node.module or ""), package)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Attribute):
+                owner = node.value.id if isinstance(node.value, ast.Name) else getattr(node.value, "attr", None)
+                assert not (owner == "vm" and node.attr not in ("vcpu", "ram_pages")), f"{path}: vm.{node.attr}"
+                assert node.attr not in ("mmu", "exits", "access_hook"), f"{path}: .{node.attr}"
+                continue
+            else:
+                continue
+            assert not any(n == f or n.startswith(f + ".") for n in names for f in forbidden), f"{path}: {names}"
+            checked += 1
+    assert checked > 20                              # the scan saw the package's imports

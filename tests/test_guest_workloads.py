@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from shadowmmu.guest import GUEST_FORMATS, WORKLOADS, run_workload
+from shadowmmu.analysis.run import run_workload
+from shadowmmu.guest import GUEST_FORMATS, WORKLOADS
 from shadowmmu.guest.workloads import CC_HEAP, CC_LIBS, CC_PASSES, CC_TEXT, OBJ_PAGES, SRC_PAGES
 from shadowmmu.vm import VM
 from shadowmmu.x86.formats import PagingMode
@@ -172,7 +173,7 @@ def test_results_do_not_depend_on_pythonhashseed():
     import os
     import subprocess
     import sys
-    code = ("import hashlib, json; from shadowmmu.guest import run_workload; from shadowmmu.vm import VM\n"
+    code = ("import hashlib, json; from shadowmmu.analysis.run import run_workload; from shadowmmu.vm import VM\n"
             "vm = VM(4 << 20, pte_write='update')\n"
             "r = run_workload(vm, 'kbuild', guest='64', size=1, seed=5)\n"
             "h = hashlib.sha256()\n"

@@ -9,9 +9,10 @@ The simple path, from a script or a notebook::
         print(policy, r["total_exits_during_workload"], r["exits_during_workload"])
     print(shadowmmu.VM(64 << 20, native=True).policy)         # "native": no hypervisor
 
-``VM`` (``shadowmmu.vm``) is the machine, ``run_workload`` / ``WORKLOADS`` /
-``GUEST_FORMATS`` (``shadowmmu.guest``) boot the Linux-like guest and run a
-workload, ``POLICIES`` names the MMU's pte-write policies.  docs/api.md has a
+``VM`` (``shadowmmu.vm``) is the machine, ``WORKLOADS`` / ``GUEST_FORMATS``
+(``shadowmmu.guest``) name the Linux-like guest's workloads and paging formats,
+``run_workload`` (``shadowmmu.analysis.run``) boots the guest, runs a workload and
+measures it, ``POLICIES`` names the MMU's pte-write policies.  docs/api.md has a
 longer example; docs/design.md says what lives where.
 """
 
@@ -23,7 +24,7 @@ except PackageNotFoundError:          # run from a source tree without installin
     __version__ = "0.1.0"
 
 # The simple path, imported on first use so that `import shadowmmu` stays cheap.
-_EXPORTS = {"VM": "shadowmmu.vm", "run_workload": "shadowmmu.guest", "WORKLOADS": "shadowmmu.guest",
+_EXPORTS = {"VM": "shadowmmu.vm", "run_workload": "shadowmmu.analysis.run", "WORKLOADS": "shadowmmu.guest",
             "GUEST_FORMATS": "shadowmmu.guest", "POLICIES": "shadowmmu.mmu"}
 __all__ = ["__version__", *_EXPORTS]
 

@@ -122,7 +122,7 @@ def cmd_bench(args) -> int:
         return 0
     if args.what == "kbuild":
         from .analysis.report import make_vm
-        from .guest import run_workload
+        from .analysis.run import run_workload
         t = Table(title="default kbuild: simulated guest accesses per second (boot excluded)",
                   caption="accesses: every guest load/store, counting each element of the kernel's REP STOS/MOVS "
                           "page clears and copies (done a page at a time after the first element); user "

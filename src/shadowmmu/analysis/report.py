@@ -2,7 +2,7 @@
 
 Every number here says what it rests on:
 
-- *exits per fault* is reported per case of the fault meter (``guest/measure.py``):
+- *exits per fault* is reported per case of the fault meter (``fault_meter.py``):
   ``steady`` (the pte's page table existed and stayed shadowed: the seed's case)
   apart from faults that needed a new table or met an unshadowed (flooded) one;
 - *time* is the cost model (``costs.py``) with its one free parameter, the guest's
@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..guest import GUEST_FORMATS, WORKLOADS, run_workload
+from ..guest import GUEST_FORMATS, WORKLOADS
 from ..guest.kernel import FRAMES, RESERVED_FRAMES
 from ..vm import VM
 from .costs import (
     CR_WORK, CR_WORK_RANGE, KBUILD_NATIVE_S, KBUILD_SHADOW_S, KBUILD_SLOWDOWN, estimate, exit_cycles,
     fit_work_per_access, get_preset, speedup_identity, with_cr_work,
 )
+from .run import run_workload
 
 SCHEMA = 2                    # JSON output version (docs/json.md)
 POLICIES = ("native", "zap", "update")
@@ -114,7 +115,7 @@ def _per_fault(result: dict, kind: str) -> float | None:
 
 
 def fault_cases(result: dict, kind: str) -> dict:
-    """Exits per fault of one kind, split by what happened (see guest/measure.py):
+    """Exits per fault of one kind, split by what happened (see fault_meter.py):
     ``steady`` (mean over faults whose table existed and stayed shadowed) and
     ``other`` (every other fault: new table, unshadowed or flooded table)."""
     fe = (result.get("fault_exits") or {}).get(kind) or {}

@@ -49,7 +49,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .kernel import Image, Kernel
-from .paging import guest_paging
 from .user import PROT_READ, PROT_WRITE, brk, exec_, exit_, fork, mmap, munmap, read, sched_yield, wait, write
 
 KBUILD_SCALE = 32
@@ -290,60 +289,3 @@ WORKLOADS = {
 def boot(vm, guest: str = "64", seed: int = 0, **kwargs) -> Kernel:
     """Boot the guest kernel on ``vm``'s vCPU and return it (no processes yet)."""
     return Kernel(vm, guest, seed, **kwargs)
-
-
-def run_workload(vm, workload: str, guest: str = "64", size: int | None = None, seed: int = 0,
-                 progress=None, **kwargs) -> dict:
-    """Boot, run ``workload`` to completion, and report what the guest did and what it cost.
-    ``progress(fraction)`` is called as the workload's processes exit; with warm frames
-    also ``progress(fraction, "boot: zeroing RAM")`` during boot and ``progress(0.0, None)``
-    when the workload starts."""
-    import time
-
-    try:
-        w = WORKLOADS[workload]
-    except KeyError:
-        raise ValueError(f"unknown workload {workload!r}; choose one of {', '.join(WORKLOADS)}") from None
-    guest = guest_paging(guest).name          # accepts 64 as well as "64"; one clear error otherwise
-    size = w.default_size if size is None else int(size)
-    if size < 1:
-        raise ValueError(f"workload size must be at least 1, got {size}")
-    t0 = time.perf_counter()
-    if progress is not None and kwargs.get("frames", "warm") == "warm":
-        kwargs["boot_progress"] = lambda frac: progress(frac, "boot: zeroing RAM")
-    k = boot(vm, guest, seed, **kwargs)
-    t1 = time.perf_counter()
-    exits0 = dict(vm.events.exits)
-    k.meter.reset()
-    nexit = w.setup(k, size, seed)
-    if progress is not None:
-        progress(0.0, None)
-    k.run(progress, nexit)
-    t2 = time.perf_counter()
-    if progress is not None:
-        progress(1.0)
-    ev = k.events
-    after = vm.events.exits
-    reasons = sorted(set(after) | set(exits0))
-    during = {r: after.get(r, 0) - exits0.get(r, 0) for r in reasons}
-    accesses = ev["user_accesses"] + ev["kernel_accesses"]
-    return {
-        "workload": workload,
-        "guest": k.guest,
-        "policy": vm.policy,
-        "size": size,
-        "seed": seed,
-        "guest_events": dict(ev),
-        "fault_exits": k.meter.report(),
-        "exits_during_workload": during,
-        "total_exits_during_workload": sum(during.values()),
-        "boot_exits": {r: n for r, n in sorted(k.boot_exits.items())},
-        "boot": {"frames": k.nframes, "pages_zeroed": k.boot_pages_zeroed, "seconds": round(t1 - t0, 3)},
-        "frames": {"free_after_boot": k.boot_free, "free_at_end": k.nr_free(),
-                   "page_cache": len(k.page_cache)},
-        "segfaults": list(k.segfaults),
-        "memory_check": "ok",
-        "seconds": round(t2 - t1, 3),
-        "accesses": accesses,
-        "accesses_per_second": round(accesses / (t2 - t1)) if t2 > t1 else None,
-    }

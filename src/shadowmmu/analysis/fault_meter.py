@@ -34,19 +34,30 @@ Each fault also gets a *case*, defined by what happened, so that a headline
                   map's shadow for a frame touched for the first time, reclaim).
 
 On native paging there is no shadow: a fault whose table existed is ``steady``.
-The meter asks the MMU whether a gfn is shadowed, as a debugger would; the guest
-kernel only tells it which pte the fault is about.
+The meter asks the MMU whether a gfn is shadowed, as a debugger would.  The guest
+kernel knows nothing of the meter: its fault handler tells whoever set
+``Kernel.fault_observer`` the kind of the fault, which page table holds the pte
+and whether it allocated that table (``guest/kernel/fault.py``), and the meter is
+that observer.  The dependency goes one way: analysis reads the guest and the VM,
+the guest reads no hypervisor counter.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-KINDS = ("demand", "cow", "file", "segv", "spurious")
+from ..guest.kernel.fault import FAULT_KINDS as KINDS
 CASES = ("steady", "new_table", "unshadowed", "flooded", "new_shadow")
 
 
 class FaultMeter:
+    @classmethod
+    def attach(cls, kernel) -> "FaultMeter":
+        """A meter installed on a booted ``kernel`` and its vCPU (see ``install``)."""
+        meter = cls(kernel)
+        meter.install()
+        return meter
+
     def __init__(self, kernel):
         self.kernel = kernel
         self._kind = None
@@ -64,10 +75,10 @@ class FaultMeter:
         self.samples: dict[str, list] = {k: [] for k in KINDS}   # (exits, by_reason) of recent faults
         self.keep_samples = 0
 
-    def kind(self, kind: str, table_gpa: int | None = None, new_table: bool = False) -> None:
-        """Called by the fault handler: classify the fault being taken.  ``table_gpa``:
-        the guest-physical address of the page table holding the faulting pte
-        (None: no pte involved, e.g. SIGSEGV); ``new_table``: the handler allocated it."""
+    def on_fault(self, kind: str, table_gpa: int | None, new_table: bool) -> None:
+        """The kernel's ``fault_observer``: its handler classified the fault being taken.
+        ``table_gpa``: the guest-physical address of the page table holding the faulting
+        pte (None: no pte involved, e.g. SIGSEGV); ``new_table``: the handler allocated it."""
         if self._kind is not None:
             return
         self._kind = kind
@@ -93,6 +104,8 @@ class FaultMeter:
                 self.case_reasons[k][c].clear()
 
     def install(self) -> None:
+        """Observe the kernel's fault handler and bracket the vCPU's slow-path accesses."""
+        self.kernel.fault_observer = self.on_fault
         v = self.kernel.vcpu
         exits = self.kernel.vm.events.exits
         user_top = self.kernel.pg.user_top

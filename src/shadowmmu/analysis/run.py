@@ -1,0 +1,71 @@
+"""Running a workload: boot the guest kernel on a VM, run the workload, and measure what it cost.
+
+The guest (``shadowmmu.guest``) only runs: it counts its own events (faults by
+kind, forks, pte writes, ...) and never reads a hypervisor counter.  This module
+is the harness around it: it reads the VM's exit counters before and after the
+workload (boot's exits are reported apart), attaches the fault meter
+(``fault_meter.py``: VM exits per guest page fault, by kind and case) and puts
+the guest's and the VM's figures in one result (docs/json.md lists its keys).
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..guest import WORKLOADS, boot, guest_paging
+from .fault_meter import FaultMeter
+
+
+def run_workload(vm, workload: str, guest: str = "64", size: int | None = None, seed: int = 0,
+                 progress=None, **kwargs) -> dict:
+    """Boot, run ``workload`` to completion, and report what the guest did and what it cost.
+    ``progress(fraction)`` is called as the workload's processes exit; with warm frames
+    also ``progress(fraction, "boot: zeroing RAM")`` during boot and ``progress(0.0, None)``
+    when the workload starts."""
+    try:
+        w = WORKLOADS[workload]
+    except KeyError:
+        raise ValueError(f"unknown workload {workload!r}; choose one of {', '.join(WORKLOADS)}") from None
+    guest = guest_paging(guest).name          # accepts 64 as well as "64"; one clear error otherwise
+    size = w.default_size if size is None else int(size)
+    if size < 1:
+        raise ValueError(f"workload size must be at least 1, got {size}")
+    t0 = time.perf_counter()
+    if progress is not None and kwargs.get("frames", "warm") == "warm":
+        kwargs["boot_progress"] = lambda frac: progress(frac, "boot: zeroing RAM")
+    k = boot(vm, guest, seed, **kwargs)
+    t1 = time.perf_counter()
+    exits0 = dict(vm.events.exits)           # boot's exits, reported apart
+    meter = FaultMeter.attach(k)
+    nexit = w.setup(k, size, seed)
+    if progress is not None:
+        progress(0.0, None)
+    k.run(progress, nexit)
+    t2 = time.perf_counter()
+    if progress is not None:
+        progress(1.0)
+    ev = k.events
+    after = vm.events.exits
+    reasons = sorted(set(after) | set(exits0))
+    during = {r: after.get(r, 0) - exits0.get(r, 0) for r in reasons}
+    accesses = ev["user_accesses"] + ev["kernel_accesses"]
+    return {
+        "workload": workload,
+        "guest": k.guest,
+        "policy": vm.policy,
+        "size": size,
+        "seed": seed,
+        "guest_events": dict(ev),
+        "fault_exits": meter.report(),
+        "exits_during_workload": during,
+        "total_exits_during_workload": sum(during.values()),
+        "boot_exits": {r: n for r, n in sorted(exits0.items())},
+        "boot": {"frames": k.nframes, "pages_zeroed": k.boot_pages_zeroed, "seconds": round(t1 - t0, 3)},
+        "frames": {"free_after_boot": k.boot_free, "free_at_end": k.nr_free(),
+                   "page_cache": len(k.page_cache)},
+        "segfaults": list(k.segfaults),
+        "memory_check": "ok",
+        "seconds": round(t2 - t1, 3),
+        "accesses": accesses,
+        "accesses_per_second": round(accesses / (t2 - t1)) if t2 > t1 else None,
+    }
