@@ -42,7 +42,7 @@ from ..x86.bits import CR0_PG, CR0_WP, CR4_PGE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_
 from ..x86.builder import control_registers
 from ..x86.faults import GeneralProtection, PageFault
 from ..x86.formats import PagingMode
-from .vm import VM
+from ..vm.vm import VM
 
 RAM_SIZE = 16 << 20
 WINDOW_PAGES = 0x80              # gva 0..512K identity-mapped for the kernel: tables and data live here

@@ -50,16 +50,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from . import walker as _walker
-from .bits import (
+from ..x86 import walker as _walker
+from ..x86.bits import (
     ACC_FETCH, ACC_USER, ACC_WRITE, CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PGE, CR4_PKE,
     CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, PF_P, PF_RSVD, PTE_A, PTE_NX, PTE_P,
     PTE_PS, describe_error_code, mask,
 )
-from .cpu import CpuState
-from .faults import GeneralProtection, NonCanonicalAddress, PageFault
-from .formats import LEVEL_NAMES, PagingMode
-from .memory import PhysicalMemory
+from ..x86.cpu import CpuState
+from ..x86.faults import GeneralProtection, NonCanonicalAddress, PageFault
+from ..x86.formats import LEVEL_NAMES, PagingMode
+from ..x86.memory import PhysicalMemory
 from .qemu_oracle import HARNESS_PHYS_BASE, HARNESS_PHYS_END, RESERVED_SLOT, RESERVED_VIRT, QemuMmu
 
 __all__ = [
@@ -1093,7 +1093,7 @@ def selfcheck(cases: int, seed: int = 0, progress=None, *, modes=None) -> dict:
                 stats["mismatches"] += 1
                 mismatches.append({"index": i, "mode": case.mode, "problem": verdict.problems[0],
                                    "report": report(case, ours, qemu, verdict)
-                                   + f"\nreplay: shadowmmu.x86.differential.case_for({seed}, {i}"
+                                   + f"\nreplay: shadowmmu.verify.differential.case_for({seed}, {i}"
                                    + (f", modes={tuple(modes)!r})" if modes else ")")})
         if progress is not None:
             progress(i + 1, cases)
