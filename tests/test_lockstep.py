@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from shadowmmu.verify.choosers import HypothesisChooser, RandomChooser
 from shadowmmu.verify.lockstep import (
-    DATA, GUESTS, ROOTS, Generator, HypothesisChooser, Lockstep, Op, RandomChooser, campaign, compose_va,
-    generate_program, initial_tree, shrink,
+    DATA, GUESTS, ROOTS, Generator, Lockstep, Op, campaign, compose_va, generate_program, initial_tree, shrink,
 )
 from shadowmmu.x86.formats import PagingMode
 

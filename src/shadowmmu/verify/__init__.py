@@ -8,7 +8,9 @@
 - ``campaigns``: a lockstep campaign cut into seeded chunks on local or dask
   workers, with a resumable state file;
 - ``reach``: the MMU branch coverage a fixed lockstep campaign reaches
-  (``python -m shadowmmu.verify.reach``, ``make reach``).
+  (``python -m shadowmmu.verify.reach``, ``make reach``);
+- ``choosers``: where both generators' random decisions come from (a seeded
+  ``random.Random`` for campaigns, hypothesis for tests).
 
 Nothing is imported here: unicorn and hypothesis load only with the module that
 needs them, so ``x86``, ``mmu``, ``vm`` and the CLI stay free of them."""
