@@ -8,8 +8,8 @@ import sys
 
 import pytest
 from hypothesis import HealthCheck, find, settings
-from hypothesis.errors import NoSuchExample
 from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
 
 from shadowmmu.verify.choosers import Chooser, HypothesisChooser, RandomChooser, permille
 
