@@ -37,7 +37,7 @@ mutate: $(MUTATE_STAMP)
 
 # branch coverage of mmu/ and x86/ reached by a fixed lockstep campaign (minutes, not part of test)
 reach: $(STAMP)
-	$(PY) -m shadowmmu.vm.reach --steps $(or $(STEPS),2000) --seed $(or $(SEED),7)
+	$(PY) -m shadowmmu.verify.reach --steps $(or $(STEPS),2000) --seed $(or $(SEED),7)
 
 bench: $(STAMP)
 	$(VENV)/bin/shadowmmu bench walk

@@ -11,10 +11,10 @@ import json
 import pytest
 
 from shadowmmu.cli import main
-from shadowmmu.vm import campaigns
-from shadowmmu.vm.campaigns import (CampaignError, Chunk, InlineEngine, Params, PoolEngine, StateFile, plan,
+from shadowmmu.verify import campaigns
+from shadowmmu.verify.campaigns import (CampaignError, Chunk, InlineEngine, Params, PoolEngine, StateFile, plan,
                                     reproduce_command, run_chunk)
-from shadowmmu.vm.lockstep import GUESTS, campaign
+from shadowmmu.verify.lockstep import GUESTS, campaign
 
 BUG = (("seed_bug", True),)
 C = 50                      # chunk steps in the divergence tests: a few short chunks

@@ -8,15 +8,15 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from shadowmmu.vm.lockstep import (
-    DATA, GUESTS, ROOTS, Generator, HypothesisChooser, Lockstep, Op, RandomChooser, campaign, compose_va,
-    generate_program, initial_tree, shrink,
+from shadowmmu.verify.choosers import HypothesisChooser, RandomChooser
+from shadowmmu.verify.lockstep import (
+    DATA, GUESTS, ROOTS, Generator, Lockstep, Op, campaign, compose_va, generate_program, initial_tree, shrink,
 )
 from shadowmmu.x86.formats import PagingMode
 
 
 def execute_read(vm, va):
-    from shadowmmu.vm.lockstep import execute
+    from shadowmmu.verify.lockstep import execute
     return execute(vm, Op("read", (va, 0, 8)), PagingMode.LEVEL4)
 
 FORMATS = ("32", "pae", "64", "la57")

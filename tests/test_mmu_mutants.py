@@ -13,8 +13,9 @@ from shadowmmu.guest.minimal import USER_BASE, MiniGuest
 from shadowmmu.mmu import MMUError
 from shadowmmu.mmu.mmu import ShadowMMU
 from shadowmmu.mmu.spte import R_DIRTY, SPTE_NX, Role
+from shadowmmu.verify.choosers import RandomChooser
+from shadowmmu.verify.lockstep import GUESTS, Lockstep, generate_program
 from shadowmmu.vm import VM
-from shadowmmu.vm.lockstep import GUESTS, Lockstep, RandomChooser, generate_program
 from shadowmmu.x86 import CpuState, NonCanonicalAddress, PageFault
 from shadowmmu.x86.bits import ACC_FETCH, ACC_USER, ACC_WRITE, R_U, R_W, R_X, CR0_WP, CR4_PKE, CR4_SMAP, CR4_SMEP, EFER_NXE
 from shadowmmu.x86.builder import control_registers

@@ -1,4 +1,4 @@
-"""Tests of the QEMU oracle itself (``shadowmmu.x86.qemu_oracle``).
+"""Tests of the QEMU oracle itself (``shadowmmu.verify.qemu_oracle``).
 
 Page tables are built by hand; expected outcomes come from the Intel SDM,
 vol. 3A, chapter 4 (4.5-4.8: walks, 4.6: access rights, 4.7: the #PF error
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from shadowmmu.x86.qemu_oracle import (
+from shadowmmu.verify.qemu_oracle import (
     ERROR_CODE_OFFSET,
     HARNESS_PHYS_BASE,
     RESERVED_VIRT,

@@ -1,4 +1,4 @@
-"""Our paging model against QEMU's MMU (``shadowmmu.x86.differential``).
+"""Our paging model against QEMU's MMU (``shadowmmu.verify.differential``).
 
 Random cases (every paging mode, all three access kinds, both CPLs, CR0.WP,
 EFER.NXE, CR4.PSE/SMEP/SMAP/PKE, RFLAGS.AC, PKRU, large pages, reserved bits,
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from shadowmmu.x86.bits import (
     CR0_PE, CR0_PG, CR0_WP, CR4_PAE, CR4_PSE, EFER_LMA, EFER_LME, EFER_NXE, PF_P, PF_RSVD, PF_U, PF_W,
 )
-from shadowmmu.x86.differential import (
+from shadowmmu.verify.differential import (
     Case, Mismatch, Outcome, Verdict, case_for, cases, check_case, compare, describe_case, report,
     run_case, run_model, selfcheck,
 )

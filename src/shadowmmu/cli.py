@@ -194,7 +194,7 @@ def cmd_selfcheck(args) -> int:
             status = 130
     if args.cases is not None:
         try:
-            from .x86.differential import selfcheck
+            from .verify.differential import selfcheck
         except ImportError as e:
             raise UsageError(f"the QEMU differential check is unavailable: {e}") from None
         with Progress(console=console, transient=True) as progress:
@@ -235,7 +235,7 @@ def _lockstep_jobs(args) -> int:
 def _lockstep_engine(args, jobs: int, chunks: int):
     """The engine --jobs/--engine/--scheduler ask for, no bigger than the ``chunks`` to run
     (campaigns.CampaignError if it cannot start)."""
-    from .vm import campaigns
+    from .verify import campaigns
     if args.engine == "dask":
         return campaigns.DaskEngine.connect(args.scheduler, max(1, min(jobs, chunks)))
     return campaigns.InlineEngine() if min(jobs, chunks) <= 1 else campaigns.PoolEngine(min(jobs, chunks))
@@ -252,8 +252,8 @@ def _lockstep_campaign(args, console):
     reproduces it."""
     from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
-    from .vm import campaigns
-    from .vm.lockstep import GUESTS
+    from .verify import campaigns
+    from .verify.lockstep import GUESTS
 
     class StepsPerSecond(ProgressColumn):
         def render(self, task):

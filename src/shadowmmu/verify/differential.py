@@ -12,12 +12,11 @@ non-canonical address).  ``run_case`` performs the access on our model
 ``compare`` checks that both agree on the fault (CR2 and error code), the
 bytes read and every byte of every page (A/D bits, the bytes written).
 
-Random decisions go through a *chooser*: any object with ``integer(lo, hi)``
-(both ends included).  ``RandomChooser`` wraps ``random.Random`` (the seeded
-campaign of ``selfcheck``); ``HypothesisChooser`` wraps hypothesis's
-``st.data()`` so that hypothesis can shrink a failing case.  Every decision is
-drawn so that its smallest value is the simplest choice (flags shrink to
-clear, indices to 0, frames to the low region).
+Random decisions go through a ``Chooser`` (``choosers``): ``RandomChooser``
+for the seeded campaign of ``selfcheck``, ``HypothesisChooser`` so that
+hypothesis can shrink a failing case.  Every decision is drawn so that its
+smallest value is the simplest choice (flags shrink to clear, indices to 0,
+frames to the low region); flags are ``permille`` draws.
 
 Where QEMU departs from the SDM the comparison makes a narrow, named
 allowance and asserts the SDM behaviour on our side (see ``compare``):
@@ -50,22 +49,22 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from . import walker as _walker
-from .bits import (
+from ..x86 import walker as _walker
+from ..x86.bits import (
     ACC_FETCH, ACC_USER, ACC_WRITE, CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PGE, CR4_PKE,
     CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LMA, EFER_LME, EFER_NXE, PF_P, PF_RSVD, PTE_A, PTE_NX, PTE_P,
     PTE_PS, describe_error_code, mask,
 )
-from .cpu import CpuState
-from .faults import GeneralProtection, NonCanonicalAddress, PageFault
-from .formats import LEVEL_NAMES, PagingMode
-from .memory import PhysicalMemory
+from ..x86.cpu import CpuState
+from ..x86.faults import GeneralProtection, NonCanonicalAddress, PageFault
+from ..x86.formats import LEVEL_NAMES, PagingMode
+from ..x86.memory import PhysicalMemory
+from .choosers import Chooser, HypothesisChooser, RandomChooser, permille
 from .qemu_oracle import HARNESS_PHYS_BASE, HARNESS_PHYS_END, RESERVED_SLOT, RESERVED_VIRT, QemuMmu
 
 __all__ = [
-    "MODES", "FEATURES", "MAXPHYADDR", "Case", "Outcome", "Verdict", "Mismatch", "RandomChooser",
-    "HypothesisChooser", "cases", "draw_case", "case_for", "run_case", "compare", "check_case",
-    "describe_case", "qemu_engine", "selfcheck",
+    "MODES", "FEATURES", "MAXPHYADDR", "Case", "Outcome", "Verdict", "Mismatch", "cases", "draw_case",
+    "case_for", "run_case", "compare", "check_case", "describe_case", "qemu_engine", "selfcheck",
 ]
 
 #: Paging modes a case can use (``PagingMode`` values).
@@ -84,45 +83,6 @@ _MAX_PFN_8 = 1 << (MAXPHYADDR - 12)       # frames an 8-byte entry (or PSE-36) c
 _MAX_PFN_4 = 1 << 20                      # frames a 4-byte entry / 32-bit CR3 can reach
 
 
-# ----------------------------------------------------------------------------
-# choosers
-# ----------------------------------------------------------------------------
-class RandomChooser:
-    """Decisions from a ``random.Random`` (the seeded campaign)."""
-
-    def __init__(self, rng: random.Random):
-        self._rng = rng
-
-    def integer(self, lo: int, hi: int) -> int:
-        return self._rng.randint(lo, hi)
-
-
-class HypothesisChooser:
-    """Decisions from hypothesis: ``st.data()``'s object, or the ``draw`` of an
-    ``st.composite`` strategy (see ``cases``).  Hypothesis can shrink them.
-
-    Each integer is a few uniform random bytes reduced modulo the range:
-    ``st.integers`` favours small values and bounds so strongly that
-    the generator's probabilities would be far off (a 50 % flag comes out at
-    about 30 %), while bytes are drawn uniformly and still shrink to ``lo``."""
-
-    _STRATEGIES: dict[int, object] = {}
-
-    def __init__(self, data):
-        self._draw = data.draw if hasattr(data, "draw") else data
-
-    def integer(self, lo: int, hi: int) -> int:
-        n = hi - lo + 1
-        if n <= 1:
-            return lo
-        size = (n.bit_length() + 7) // 8 + 1       # one spare byte: modulo bias < 1/256
-        s = self._STRATEGIES.get(size)
-        if s is None:
-            from hypothesis import strategies as st
-            s = self._STRATEGIES[size] = st.binary(min_size=size, max_size=size)
-        return lo + int.from_bytes(self._draw(s), "little") % n
-
-
 def cases(**kwargs):
     """A hypothesis strategy of Cases; kwargs as for ``draw_case``."""
     from hypothesis import strategies as st
@@ -132,16 +92,6 @@ def cases(**kwargs):
         return draw_case(HypothesisChooser(draw), **kwargs)
 
     return _cases()
-
-
-def _flag(ch, p: float) -> bool:
-    """True with probability p; shrinks to False."""
-    return ch.integer(0, 999) >= 1000 - round(1000 * p)
-
-
-def _pick(ch, seq):
-    """One element of seq; shrinks to seq[0]."""
-    return seq[ch.integer(0, len(seq) - 1)]
 
 
 # ----------------------------------------------------------------------------
@@ -223,7 +173,7 @@ class _Gen:
     P_CROSS = 0.05            # an access that crosses into the next page
     P_NONCANONICAL = 0.02
 
-    def __init__(self, ch, mode: str | None, kind: str | None, cpl: int | None,
+    def __init__(self, ch: Chooser, mode: str | None, kind: str | None, cpl: int | None,
                  features: dict | None = None, probabilities: dict | None = None):
         self.ch = ch
         self.features = dict(features or {})
@@ -236,7 +186,7 @@ class _Gen:
                 raise ValueError(f"bad probability {name}={p!r}")
             setattr(self, attr, p)
         if mode is None:
-            mode = _pick(ch, ("4-level", "32-bit", "pae", "5-level") * 3 + ("none",))
+            mode = ch.choice(("4-level", "32-bit", "pae", "5-level") * 3 + ("none",))
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if kind not in (None, "read", "write", "fetch"):
@@ -259,7 +209,7 @@ class _Gen:
 
     # --- helpers ----------------------------------------------------------
     def flag(self, p: float) -> bool:
-        return _flag(self.ch, p)
+        return permille(self.ch, p)
 
     def feature(self, name: str, p: float) -> bool:
         forced = self.features.get(name)
@@ -305,8 +255,8 @@ class _Gen:
     def draw(self) -> Case:
         ch, mode = self.ch, self.mode
         cpl = self.cpl_arg if self.cpl_arg is not None else (3 if self.flag(0.5) else 0)
-        kind = self.kind_arg or _pick(ch, ("read", "write", "fetch"))
-        size = 1 if kind == "fetch" else _pick(ch, (1, 2, 4, 8))
+        kind = self.kind_arg or ch.choice(("read", "write", "fetch"))
+        size = 1 if kind == "fetch" else ch.choice((1, 2, 4, 8))
         self.kind, self.size = kind, size
         f = self.feature
         wp, nxe, pse = f("wp", 0.5), f("nxe", 0.6), f("pse", 0.6)
@@ -588,7 +538,7 @@ class _Gen:
             v |= self.ch.integer(0, 7) << 9
         v |= self.table_target(2) << 12
         if self.flag(self.P_RESERVED):
-            bit = _pick(self.ch, (1, 2, 5, 6, 7, 8, None))
+            bit = self.ch.choice((1, 2, 5, 6, 7, 8, None))
             bit = self.bit_in(MAXPHYADDR, 63) if bit is None else bit
             v |= 1 << bit
             # not in self.injected: QEMU ignores some of these and walks on
@@ -601,7 +551,7 @@ class _Gen:
             cands = [pfn for pfn, lvl in sorted(self.table_level.items())
                      if lvl >= level and (pfn != self.top_pfn or self.top_reusable)]
             if cands:
-                pfn = _pick(self.ch, cands)
+                pfn = self.ch.choice(cands)
                 self.notes.append(f"table frame {pfn:#x} reused for level {level}")
                 return pfn
         pfn = self.fresh_frame(_MAX_PFN_8 if self.wide else _MAX_PFN_4)
@@ -611,7 +561,7 @@ class _Gen:
 
     def page_frame(self) -> int:
         if self.flag(self.P_DATA_IN_TABLE):
-            pfn = _pick(self.ch, sorted(self.table_level))
+            pfn = self.ch.choice(sorted(self.table_level))
             self.notes.append(f"data page in table frame {pfn:#x}")
             return pfn
         pfn = self.fresh_frame(_MAX_PFN_8 if self.wide else _MAX_PFN_4)
@@ -651,12 +601,12 @@ class _Gen:
             opts.append((21, 21))                # PSE-36 with MAXPHYADDR 40
         if not opts:
             return None
-        lo, hi = _pick(self.ch, opts)
+        lo, hi = self.ch.choice(opts)
         return self.bit_in(lo, hi)
 
     def bit_in(self, lo: int, hi: int) -> int:
         """A bit of lo..hi, the ends (where off-by-one mistakes are) half of the time."""
-        end = _pick(self.ch, (None, lo, hi))
+        end = self.ch.choice((None, lo, hi))
         return self.ch.integer(lo, hi) if end is None else end
 
     # --- the rest of memory -----------------------------------------------
@@ -691,7 +641,7 @@ class _Gen:
 FEATURES = ("wp", "nxe", "pse", "smep", "smap", "pke", "pge", "ac", "lenient")
 
 
-def draw_case(ch, *, mode: str | None = None, kind: str | None = None, cpl: int | None = None,
+def draw_case(ch: Chooser, *, mode: str | None = None, kind: str | None = None, cpl: int | None = None,
               features: dict | None = None, probabilities: dict | None = None) -> Case:
     """Draw one random case from chooser ``ch`` (``RandomChooser`` or
     ``HypothesisChooser``).  ``mode``/``kind``/``cpl`` fix those choices;
@@ -703,8 +653,8 @@ def draw_case(ch, *, mode: str | None = None, kind: str | None = None, cpl: int 
 
 def case_for(seed: int, index: int, *, modes=None) -> Case:
     """Case number ``index`` of the campaign with ``seed`` (what ``selfcheck`` runs)."""
-    ch = RandomChooser(random.Random(f"shadowmmu-differential/{seed}/{index}"))
-    return draw_case(ch, mode=_pick(ch, tuple(modes)) if modes else None)
+    ch = RandomChooser(f"shadowmmu-differential/{seed}/{index}")
+    return draw_case(ch, mode=ch.choice(tuple(modes)) if modes else None)
 
 
 # ----------------------------------------------------------------------------
@@ -785,8 +735,7 @@ def run_model(case: Case, *, qemu_pdptes: bool = False) -> Outcome:
             if qemu_pdptes:
                 e = mem.read_u64(pdpt + 8 * ((va >> 30) & 3))
                 if e & PTE_P and e & _QEMU_PDPTE_RSVD:
-                    err = acc & (ACC_WRITE | ACC_USER) | (acc & ACC_FETCH if cpu.report_id else 0)
-                    raise PageFault(va, err | PF_RSVD | PF_P)
+                    raise PageFault(va, _walker.fault_error_code(cpu, acc, PF_RSVD | PF_P))
             translations.append(_walker.translate(mem, cpu, va, acc))
     except PageFault as pf:
         return Outcome(fault=(pf.address, pf.error_code), memory=snapshot(), detail=pf)
@@ -1093,7 +1042,7 @@ def selfcheck(cases: int, seed: int = 0, progress=None, *, modes=None) -> dict:
                 stats["mismatches"] += 1
                 mismatches.append({"index": i, "mode": case.mode, "problem": verdict.problems[0],
                                    "report": report(case, ours, qemu, verdict)
-                                   + f"\nreplay: shadowmmu.x86.differential.case_for({seed}, {i}"
+                                   + f"\nreplay: shadowmmu.verify.differential.case_for({seed}, {i}"
                                    + (f", modes={tuple(modes)!r})" if modes else ")")})
         if progress is not None:
             progress(i + 1, cases)

@@ -6,7 +6,7 @@ reports, per campaign and combined, the branch coverage of the shadow MMU
 (``mmu/``) and of the x86 pieces the checker drives (walker, TLB, CPU state),
 with the lines and branches no campaign reached::
 
-    python -m shadowmmu.vm.reach --steps 2000 --seed 7      (or: make reach)
+    python -m shadowmmu.verify.reach --steps 2000 --seed 7      (or: make reach)
 
 The unreached list is the to-do list of the generator; docs/verification.md
 says why each remaining entry cannot or need not be reached.
@@ -22,10 +22,13 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
+from ..mmu.mmu import POLICIES
+from ..x86.formats import GUEST_MODES
+
 MEASURED = ("*/shadowmmu/mmu/*.py", "*/shadowmmu/x86/walker.py", "*/shadowmmu/x86/tlb.py",
             "*/shadowmmu/x86/cpu.py")
-GUEST_NAMES = ("32", "pae", "64", "la57")
-POLICY_NAMES = ("zap", "update")
+GUEST_NAMES = GUEST_MODES
+POLICY_NAMES = POLICIES
 
 
 def _summary(cov, include) -> dict:
@@ -71,7 +74,7 @@ def measure(steps: int, seed: int, guests=GUEST_NAMES, policies=POLICY_NAMES, wo
         g, p = config
         data_file = os.path.join(workdir, f"cov-{g}-{p}")
         r = subprocess.run([sys.executable, "-m", "coverage", "run", "--branch", f"--data-file={data_file}",
-                            f"--include={','.join(MEASURED)}", "-m", "shadowmmu.vm.reach", "--one", g, p,
+                            f"--include={','.join(MEASURED)}", "-m", "shadowmmu.verify.reach", "--one", g, p,
                             "--steps", str(steps), "--seed", str(seed)], capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"campaign {g} {p} under coverage failed: {r.stderr.strip()[-500:]}")
@@ -91,7 +94,7 @@ def measure(steps: int, seed: int, guests=GUEST_NAMES, policies=POLICY_NAMES, wo
 def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
-    ap = argparse.ArgumentParser(prog="python -m shadowmmu.vm.reach", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m shadowmmu.verify.reach", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2000, help="lockstep steps per guest format and policy")
     ap.add_argument("--seed", type=int, default=7, help="campaign seed (the same seed gives the same programs)")
     ap.add_argument("--jobs", type=int, default=2, help="campaigns measured at once (one process each)")

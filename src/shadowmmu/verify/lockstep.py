@@ -9,9 +9,9 @@ shadow side, and the dirty log is checked against what native paging changed.
 Programs are data: a list of ops over a small world (three address spaces, two
 vCPUs, a pool of page-table frames and data frames, an identity-mapped kernel
 window through which CPL0 stores edit the tables, an MMIO device).  The
-generator draws from a ``Chooser``, so the same generator serves a seeded
-campaign (``RandomChooser``) and hypothesis (``HypothesisChooser``, which then
-shrinks a failing program).  Besides single random ops it emits short
+generator draws from a ``Chooser`` (``choosers``), so the same generator serves
+a seeded campaign (``RandomChooser``) and hypothesis (``HypothesisChooser``,
+which then shrinks a failing program).  Besides single random ops it emits short
 *scenarios*, each aimed at an MMU path that random ops reach too rarely: user
 code writing a page table, a flood of pte writes, a write to the upper half of a
 32-bit table, a paging-mode change with shadow pages cached across it, a pte
@@ -34,19 +34,19 @@ so both sides continue from the same choice)::
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 from ..mmu.audit import AuditError
 from ..x86.bits import CR0_PG, CR0_WP, CR4_PGE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_NXE
 from ..x86.builder import control_registers
 from ..x86.faults import GeneralProtection, PageFault
-from ..x86.formats import PagingMode
-from .vm import VM
+from ..x86.formats import GUEST_MODES, PagingMode
+from ..vm.vm import VM
+from .choosers import Chooser, RandomChooser
 
 RAM_SIZE = 16 << 20
 WINDOW_PAGES = 0x80              # gva 0..512K identity-mapped for the kernel: tables and data live here
-GUESTS = {"32": PagingMode.BITS32, "pae": PagingMode.PAE, "64": PagingMode.LEVEL4, "la57": PagingMode.LEVEL5}
+GUESTS = {name: PagingMode.parse(name) for name in GUEST_MODES}      # every paging format, by its CLI name
 NR_VCPUS = 2
 
 # frames (gfns) of the world
@@ -64,42 +64,6 @@ UNBACKED_GFN = 0x8000            # 128 MB: no memslot, no device (reads all ones
 P, W, U, A, D, PS, G = 1, 2, 4, 0x20, 0x40, 0x80, 0x100
 NX = 1 << 63
 PKEY_SHIFT = 59
-
-
-class Chooser:
-    """Where a program's random decisions come from."""
-
-    def choice(self, options):
-        raise NotImplementedError
-
-    def chance(self, p: float) -> bool:
-        raise NotImplementedError
-
-
-class RandomChooser(Chooser):
-    def __init__(self, seed: int):
-        self.rng = random.Random(seed)
-
-    def choice(self, options):
-        return options[self.rng.randrange(len(options))]
-
-    def chance(self, p: float) -> bool:
-        return self.rng.random() < p
-
-
-class HypothesisChooser(Chooser):
-    """Decisions drawn from hypothesis's ``st.data()``, so failing programs shrink."""
-
-    def __init__(self, data):
-        from hypothesis import strategies as st
-        self.data = data
-        self.st = st
-
-    def choice(self, options):
-        return self.data.draw(self.st.sampled_from(list(options)))
-
-    def chance(self, p: float) -> bool:
-        return self.data.draw(self.st.integers(0, 99)) < p * 100
 
 
 # ------------------------------------------------------------------ the world
