@@ -1,0 +1,62 @@
+"""The frame-access protocol: how page-table walkers and vCPUs reach memory.
+
+Memory is reached a whole 4 KiB frame at a time, by frame number, as three
+views of the same bytes: ``(bytes, u64 view, u32 view)`` (a ``Frame``).  The
+walker reads an aligned entry with one index operation (``f[1][idx]`` for a
+64-bit entry, ``f[2][idx]`` for a 32-bit one) and sets A/D bits by assigning
+through the same view, so no access slices or converts bytes.
+
+Two roles, as in KVM (host pages behind memslots) or volatility3 (a layer over
+a layer):
+
+* ``FrameSource``: what a walk needs.  ``x86.PhysicalMemory`` (host physical
+  memory) and ``vm.memslots.GuestPhysical`` (guest physical memory through
+  memslots) are both FrameSources, so one walker walks shadow and guest tables.
+* ``FrameStore``: a FrameSource that owns its frames and allocates them
+  (``PhysicalMemory`` and its backends).
+
+Hot paths bind ``frame`` once (``frame = mem.frame``) and call it per access.
+An implementation may make ``frame`` a bound ``dict.get`` of its frame table
+(``PhysicalMemory`` does): a C call, no Python frame per page-table level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+# (the frame's 4096 bytes as a writable buffer, the same bytes as 512 u64, as 1024 u32)
+Frame = tuple[bytearray | memoryview, memoryview, memoryview]
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    """Frames by number, for reading and for updating in place."""
+
+    maxphyaddr: int            # physical address width: paging-structure address bits above it are reserved
+
+    def frame(self, pfn: int) -> Frame | None:
+        """The frame's views, to read and to write in place; None when it has no
+        storage (untouched, outside memory, or no RAM behind it).  A None frame reads
+        as ``qwords``/``dwords`` say and drops in-place writes."""
+
+    def qwords(self, pfn: int) -> memoryview:
+        """The frame as 512 u64 for reading, also when ``frame`` is None (an
+        untouched frame reads as zeros, a frame with nothing behind it as ones);
+        raises PhysicalAddressError outside memory."""
+
+    def dwords(self, pfn: int) -> memoryview:
+        """The frame as 1024 u32 for reading (as ``qwords``)."""
+
+
+@runtime_checkable
+class FrameStore(FrameSource, Protocol):
+    """A FrameSource that owns its frames: host physical memory."""
+
+    def frame_w(self, pfn: int) -> Frame:
+        """The frame's views for writing, allocating (zeroed) it on first use;
+        raises PhysicalAddressError outside memory."""
+
+    def present_frames(self) -> Iterable[tuple[int, Frame]]:
+        """(pfn, views) of every allocated frame, in allocation order.  A live view:
+        do not allocate while iterating."""
