@@ -2,6 +2,8 @@
 campaigns: a broken MMU then fails `make test` early, before the slower workload
 and CLI tests have run (pytest-xdist hands tests to its workers in collection order)."""
 
+import pytest
+
 FIRST = ("test_mmu_exits.py", "test_mmu_features.py", "test_lockstep.py", "test_mmu_mutants.py")
 CAMPAIGNS = ("test_native_and_shadow_are_indistinguishable", "test_seeded_campaign",
              "test_the_seed_update_pte_bug_is_found")
@@ -14,3 +16,9 @@ def pytest_collection_modifyitems(config, items):
             return (2, 0)
         return (int(item.name.startswith(CAMPAIGNS)), FIRST.index(name))
     items.sort(key=rank)         # stable: the order within each group is kept
+
+
+@pytest.fixture(params=("dict", "mmap"))
+def memory_backend(request):
+    """A PhysicalMemory backend: the memory tests run on both, which must not differ in behaviour."""
+    return request.param

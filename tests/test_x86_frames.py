@@ -14,21 +14,16 @@ from shadowmmu.x86.builder import PageTableBuilder
 from shadowmmu.x86.formats import PagingMode
 
 
-@pytest.fixture(params=("dict", "mmap"))
-def backend(request):
-    return request.param
-
-
-def test_host_memory_is_a_frame_store_and_guest_memory_a_frame_source(backend):
-    vm = VM(1 << 20, native=True, memory=backend)
-    assert type(vm.host) is {"dict": PhysicalMemory, "mmap": MappedPhysicalMemory}[backend]
-    assert vm.host.backend == backend
+def test_host_memory_is_a_frame_store_and_guest_memory_a_frame_source(memory_backend):
+    vm = VM(1 << 20, native=True, memory=memory_backend)
+    assert type(vm.host) is {"dict": PhysicalMemory, "mmap": MappedPhysicalMemory}[memory_backend]
+    assert vm.host.backend == memory_backend
     assert isinstance(vm.host, FrameStore)
     assert isinstance(vm.gmem, FrameSource) and not isinstance(vm.gmem, FrameStore)
 
 
-def test_frame_views_alias_one_frame_and_only_writes_allocate(backend):
-    mem = physical_memory(1 << 24, backend=backend)
+def test_frame_views_alias_one_frame_and_only_writes_allocate(memory_backend):
+    mem = physical_memory(1 << 24, backend=memory_backend)
     assert mem.frame(7) is None                          # untouched: no storage
     assert mem.qwords(7)[511] == 0 and mem.dwords(7)[0] == 0
     assert list(mem.present_frames()) == []
@@ -92,7 +87,8 @@ def test_a_64_gib_mmap_memory_commits_only_the_pages_written():
 
 
 def test_a_memory_the_mmap_backend_cannot_map_is_one_clear_error():
-    with pytest.raises(MemoryError, match=r"the mmap memory backend cannot map 0x10000000000000 bytes \(4\.1943e\+06 GiB\)"):
+    said = r"the mmap memory backend cannot map 0x10000000000000 bytes \(4\.1943e\+06 GiB\): "
+    with pytest.raises(MemoryError, match=said):
         MappedPhysicalMemory(1 << 52)           # 4 PiB: more than a process's address space
 
 

@@ -11,14 +11,8 @@ from shadowmmu.x86.builder import PageTableBuilder
 from shadowmmu.x86.formats import PagingMode
 
 
-@pytest.fixture(params=("dict", "mmap"))
-def backend(request):
-    """Every memory test runs on both backends: they must not differ in behaviour."""
-    return request.param
-
-
-def test_a_64_gib_memory_allocates_only_touched_pages(backend):
-    mem = physical_memory(64 << 30, backend=backend)
+def test_a_64_gib_memory_allocates_only_touched_pages(memory_backend):
+    mem = physical_memory(64 << 30, backend=memory_backend)
     mem.write_u64(0xF_FFFF_F000, 0x1122334455667788)
     mem.write(0x1FFE, b"\xaa\xbb\xcc\xdd")             # straddles two frames
     assert mem.allocated_frames() == [1, 2, 0xFFFFFF]
@@ -29,25 +23,25 @@ def test_a_64_gib_memory_allocates_only_touched_pages(backend):
     assert len(mem.allocated_frames()) == 3
 
 
-def test_unaligned_and_straddling_integer_access_is_little_endian(backend):
-    mem = physical_memory(1 << 20, backend=backend)
+def test_unaligned_and_straddling_integer_access_is_little_endian(memory_backend):
+    mem = physical_memory(1 << 20, backend=memory_backend)
     mem.write_u64(0xFFD, 0x0807060504030201)
     assert mem.read(0xFFD, 8) == bytes(range(1, 9))
     assert mem.read_u32(0xFFF) == 0x06050403
 
 
 @pytest.mark.parametrize("paddr,n", [(1 << 20, 1), ((1 << 20) - 4, 8), (-1, 1)])
-def test_out_of_range_access_names_the_address(paddr, n, backend):
-    mem = physical_memory(1 << 20, backend=backend)
+def test_out_of_range_access_names_the_address(paddr, n, memory_backend):
+    mem = physical_memory(1 << 20, backend=memory_backend)
     with pytest.raises(PhysicalAddressError, match="outside memory"):
         mem.read(paddr, n)
 
 
-def test_bad_sizes_are_rejected_clearly(backend):
+def test_bad_sizes_are_rejected_clearly(memory_backend):
     with pytest.raises(ValueError, match="multiple of 4096"):
-        physical_memory(1000, backend=backend)
+        physical_memory(1000, backend=memory_backend)
     with pytest.raises(ValueError, match="maxphyaddr"):
-        physical_memory(1 << 20, maxphyaddr=60, backend=backend)
+        physical_memory(1 << 20, maxphyaddr=60, backend=memory_backend)
 
 
 @pytest.fixture

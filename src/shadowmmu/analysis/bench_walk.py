@@ -85,8 +85,8 @@ def bench_walk(nr_pages: int = 4096, min_time: float = 0.4, memory: str = "dict"
         for va in vaddrs:
             tlb.translate(mem, cpu, va, Access.USER)
         hits = _rate(lambda va: tlb.translate(mem, cpu, va, Access.USER), vaddrs, min_time)
-        row = {"mode": mode.value, "pages": nr_pages, "memory": memory, "cold_walks_per_s": cold, "tlb_hits_per_s": hits,
-               "volatility3_per_s": None, "ratio": None}
+        row = {"mode": mode.value, "pages": nr_pages, "memory": memory, "cold_walks_per_s": cold,
+               "tlb_hits_per_s": hits, "volatility3_per_s": None, "ratio": None}
         layer = volatility_layer(mem, cpu, mode)
         if layer is not None:
             # same answers first, then speed
