@@ -24,23 +24,23 @@ def test_host_memory_is_a_frame_store_and_guest_memory_a_frame_source(memory_bac
 
 def test_frame_views_alias_one_frame_and_only_writes_allocate(memory_backend):
     mem = physical_memory(1 << 24, backend=memory_backend)
-    assert mem.frame(7) is None                          # untouched: no storage
+    assert mem.frames.get(7) is None                     # untouched: no storage
     assert mem.qwords(7)[511] == 0 and mem.dwords(7)[0] == 0
-    assert list(mem.present_frames()) == []
+    assert list(mem.frames.items()) == []
     f = mem.frame_w(7)
     assert len(f[0]) == 4096 and not any(f[0])           # allocated zeroed
-    assert mem.frame(7) is f and mem.frame_w(7) is f     # the same views every time
+    assert mem.frames.get(7) is f and mem.frame_w(7) is f        # the same views every time
     f[1][2] = 0x1122334455667788                         # through the u64 view ...
     assert f[2][4] == 0x55667788 and f[2][5] == 0x11223344     # ... seen by the u32 view
     assert bytes(f[0][16:24]) == bytes.fromhex("8877665544332211")
     assert mem.read_u64(0x7010) == 0x1122334455667788
     mem.write_u32(0x3004, 5)
-    assert [pfn for pfn, _ in mem.present_frames()] == [7, 3]    # allocation order
-    assert dict(mem.present_frames())[3][2][1] == 5
+    assert list(mem.frames) == [7, 3]                    # allocation order
+    assert mem.frames[3][2][1] == 5
     assert mem.allocated_frames() == [3, 7]
     with pytest.raises(PhysicalAddressError, match="frame 0x1000 is outside memory of size 0x1000000"):
         mem.frame_w(0x1000)
-    assert mem.frame(0x1000) is None
+    assert mem.frames.get(0x1000) is None
 
 
 def test_the_mmap_buffer_is_the_memory_zero_copy():
@@ -51,7 +51,7 @@ def test_the_mmap_buffer_is_the_memory_zero_copy():
     mem.frame_w(0x100)                                        # ... and a foreign writer, having taken the frame,
     mem.buffer[0x100FF8:0x101000] = (0x0102030405060708).to_bytes(8, "little")   # writes the memory
     assert mem.read_u64(0x100FF8) == 0x0102030405060708
-    assert mem.frame(0x100)[1][511] == 0x0102030405060708
+    assert mem.frames.get(0x100)[1][511] == 0x0102030405060708
     # host_address() is where the buffer is in this process: a raw pointer reads the same bytes
     ptr = mem.host_address()
     assert ctypes.c_uint64.from_address(ptr + 0x12345678).value == 0xDEADBEEF_CAFEF00D
@@ -103,10 +103,11 @@ def test_guest_memory_linear_range_is_the_first_memslot():
     vm = VM(1 << 20)
     s = vm.slots[0]
     assert vm.gmem.linear_range() == (0, 256, s.host_pfn)
-    assert vm.gmem.frame(3) is None                     # untouched guest RAM
+    assert vm.gmem.frames.get(3) is None                # untouched guest RAM
     vm.gmem.write_u64(0x3008, 9)
-    assert vm.gmem.frame(3) is vm.host.frame(s.host_pfn + 3)
-    assert vm.gmem.frame(256) is None and vm.gmem.qwords(256)[0] == (1 << 64) - 1    # nothing behind it
+    assert vm.gmem.frames.get(3) is vm.host.frames[s.host_pfn + 3]
+    assert vm.gmem.frames.get(3)[1][1] == 9
+    assert vm.gmem.frames.get(256) is None and vm.gmem.qwords(256)[0] == (1 << 64) - 1    # nothing behind it
 
 
 def _untimed(r):

@@ -1,7 +1,7 @@
 """Memslots: guest physical frames -> host physical frames, and MMIO regions.
 
 ``GuestPhysical`` is guest-physical memory as the guest's own page-table walk
-sees it: a ``FrameSource`` (``x86.frames``: ``frame``, ``qwords``/``dwords``)
+sees it: a ``FrameSource`` (``x86.frames``: ``frames``, ``qwords``/``dwords``)
 whose frames are the host's, translated through the memslots, so the one x86 walker
 walks guest tables (native mode, and the shadow MMU's guest walk) and shadow
 tables (host memory) alike.  A guest-physical address with no memslot behind it
@@ -39,6 +39,25 @@ class MmioRegion:
     name: str = "mmio"
 
 
+class GuestFrames:
+    """``GuestPhysical.frames``: guest frame number -> the views of the host frame
+    behind it, or None (untouched, MMIO or nothing): a ``FrameTable``.  The first
+    memslot is inlined as a range check and an add (the walker's hot path)."""
+
+    __slots__ = ("_lo", "_hi", "_delta", "_host", "_gfn_to_pfn")
+
+    def __init__(self, linear: tuple[int, int, int], host_frames, gfn_to_pfn):
+        self._lo, self._hi, self._delta = linear
+        self._host = host_frames
+        self._gfn_to_pfn = gfn_to_pfn
+
+    def get(self, gfn: int) -> Frame | None:
+        if self._lo <= gfn < self._hi:
+            return self._host.get(gfn + self._delta)
+        pfn = self._gfn_to_pfn(gfn)
+        return None if pfn is None else self._host.get(pfn)
+
+
 class GuestPhysical:
     """Guest-physical memory through memslots: a FrameSource over a host FrameStore."""
 
@@ -46,7 +65,6 @@ class GuestPhysical:
         self.host = host
         self.slots = slots
         self.mmio = mmio if mmio is not None else []
-        self._host_frame = host.frame
         self.maxphyaddr = host.maxphyaddr
         self._reindex()
 
@@ -56,6 +74,7 @@ class GuestPhysical:
         self._lo = s0.base_gfn if s0 else 0
         self._hi = s0.base_gfn + s0.npages if s0 else 0
         self._delta = (s0.host_pfn - s0.base_gfn) if s0 else 0
+        self.frames = GuestFrames(self.linear_range(), self.host.frames, self.gfn_to_pfn)
 
     def linear_range(self) -> tuple[int, int, int]:
         """The first memslot as (lo_gfn, hi_gfn, delta): gfn in [lo, hi) is host frame
@@ -88,14 +107,7 @@ class GuestPhysical:
                 return r
         return None
 
-    # --- FrameSource --------------------------------------------------------------
-    def frame(self, gfn: int) -> Frame | None:
-        """The host frame's views behind a guest frame (None: untouched, MMIO or nothing)."""
-        if self._lo <= gfn < self._hi:                  # the walker's hot path: inline the first slot
-            return self._host_frame(gfn + self._delta)
-        pfn = self.gfn_to_pfn(gfn)
-        return None if pfn is None else self._host_frame(pfn)
-
+    # --- FrameSource (and .frames) --------------------------------------------------
     def qwords(self, gfn: int):
         pfn = self.gfn_to_pfn(gfn)
         return _ONES_Q if pfn is None else self.host.qwords(pfn)

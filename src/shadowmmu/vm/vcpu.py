@@ -58,7 +58,7 @@ class VCpu:
         self.mmu_state = None
         self.access_hook = None          # see _access
         self.stats: Counter = Counter()
-        self._host_frame = vm.host.frame
+        self._host_frames = vm.host.frames
         self._sync_access()
         if not self.native:
             vm.mmu.attach(self)
@@ -90,7 +90,7 @@ class VCpu:
                     if not self._lo <= gfn < self._hi:
                         return self._access(vaddr, size, self._acc, None)
                     pa += self._delta << 12
-                f = self._host_frame(pa >> 12)
+                f = self._host_frames.get(pa >> 12)
                 if f is None:
                     return 0
                 off = pa & 0xFFF
@@ -118,7 +118,7 @@ class VCpu:
                         return
                     pa += self._delta << 12
                 off = pa & 0xFFF
-                f = self._host_frame(pa >> 12)
+                f = self._host_frames.get(pa >> 12)
                 if f is None:
                     f = self.host.frame_w(pa >> 12)
                 if size == 8 and not off & 7:
@@ -286,7 +286,7 @@ class VCpu:
     def _perform(self, target: tuple[int, int], size: int, value: int | None):
         kind, addr = target
         if kind == 0:
-            f = self._host_frame(addr >> 12)
+            f = self._host_frames.get(addr >> 12)
             off = addr & 0xFFF
             if value is None:
                 return 0 if f is None else int.from_bytes(f[0][off:off + size], "little")

@@ -17,7 +17,6 @@ Two backends, one behaviour:
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 
 from .bits import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
@@ -49,11 +48,8 @@ class PhysicalMemory:
         self.size = size
         self.maxphyaddr = maxphyaddr
         self.nr_frames = size >> PAGE_SHIFT
-        # pfn -> (bytes, 'Q' view, 'I' view) of every allocated frame
-        self._frames: dict[int, Frame] = {}
-        # FrameSource.frame as the table's own get: a C call, no Python frame, on the
-        # walker's and the vCPU's hot paths (the method below documents it)
-        self.frame = self._frames.get
+        # FrameStore.frames: pfn -> (bytes, 'Q' view, 'I' view) of every allocated frame
+        self.frames: dict[int, Frame] = {}
 
     # --- frames -------------------------------------------------------------
     def _check(self, paddr: int, n: int) -> None:
@@ -61,17 +57,13 @@ class PhysicalMemory:
             raise PhysicalAddressError(
                 f"physical access [{paddr:#x}, {paddr + n:#x}) is outside memory of size {self.size:#x}")
 
-    def frame(self, pfn: int) -> Frame | None:       # shadowed by the instance's dict.get
-        """The views of an allocated frame, or None (untouched or outside memory)."""
-        return self._frames.get(pfn)
-
     def frame_w(self, pfn: int) -> Frame:
         """The frame's views for writing, allocated (zeroed) on first use."""
-        f = self._frames.get(pfn)
+        f = self.frames.get(pfn)
         if f is None:
             if not 0 <= pfn < self.nr_frames:
                 raise PhysicalAddressError(f"frame {pfn:#x} is outside memory of size {self.size:#x}")
-            f = self._frames[pfn] = self._new_frame(pfn)
+            f = self.frames[pfn] = self._new_frame(pfn)
         return f
 
     def _new_frame(self, pfn: int) -> Frame:
@@ -80,13 +72,10 @@ class PhysicalMemory:
         mv = memoryview(buf)
         return buf, mv.cast("Q"), mv.cast("I")
 
-    def present_frames(self):
-        """(pfn, views) of every allocated frame, in allocation order (a live view)."""
-        return self._frames.items()
 
     def qwords(self, pfn: int) -> memoryview:
         """The frame as 512 u64 (read only use; untouched frames read as a shared zero frame)."""
-        f = self._frames.get(pfn)
+        f = self.frames.get(pfn)
         if f is not None:
             return f[1]
         if not 0 <= pfn < self.nr_frames:
@@ -95,7 +84,7 @@ class PhysicalMemory:
 
     def dwords(self, pfn: int) -> memoryview:
         """The frame as 1024 u32 (read only use)."""
-        f = self._frames.get(pfn)
+        f = self.frames.get(pfn)
         if f is not None:
             return f[2]
         if not 0 <= pfn < self.nr_frames:
@@ -111,21 +100,21 @@ class PhysicalMemory:
 
     def frame_bytes(self, pfn: int) -> bytes:
         """A copy of one frame (zeros if untouched)."""
-        f = self._frames.get(pfn)
+        f = self.frames.get(pfn)
         if f is None:
             self._check(pfn << PAGE_SHIFT, PAGE_SIZE)
             return bytes(PAGE_SIZE)
         return bytes(f[0])
 
     def allocated_frames(self) -> list[int]:
-        return sorted(self._frames)
+        return sorted(self.frames)
 
     # --- byte access --------------------------------------------------------
     def read(self, paddr: int, n: int) -> bytes:
         self._check(paddr, n)
         off = paddr & PAGE_MASK
         if off + n <= PAGE_SIZE:
-            f = self._frames.get(paddr >> PAGE_SHIFT)
+            f = self.frames.get(paddr >> PAGE_SHIFT)
             return bytes(n) if f is None else bytes(f[0][off:off + n])
         out = bytearray()
         while n:
@@ -198,7 +187,7 @@ class MappedPhysicalMemory(PhysicalMemory):
     The OS commits a page when it is first written, so a 64 GiB memory costs what
     is used.  "Allocated" keeps the dict backend's meaning: a frame is allocated
     once written through this object (``frame_w``, ``write``, ...), and only then
-    does ``frame`` return its views (views onto ``buffer``, made once and cached).
+    is it in ``frames`` (views onto ``buffer``, made once).
 
     ``buffer`` (the mmap) and ``host_address()`` (its address in this process) let
     other code map the memory zero-copy.  Such a foreign writer must take the frame
@@ -221,6 +210,7 @@ class MappedPhysicalMemory(PhysicalMemory):
 
     def host_address(self) -> int:
         """The address of byte 0 of ``buffer`` in this process (for mem_map_ptr-style APIs)."""
+        import ctypes           # here, not at import: its objects would slow every GC pass of a walk benchmark
         return ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
 
     def _new_frame(self, pfn: int) -> Frame:

@@ -88,7 +88,7 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
         raise ValueError(f"linear address {vaddr:#x} does not fit in 32 bits")
 
     wide = fmt.entry_size == 8
-    frame = mem.frame               # pfn -> (bytes, u64 view, u32 view) or None; see x86.frames
+    frames = mem.frames             # pfn -> (bytes, u64 view, u32 view); see x86.frames
     view = 1 if wide else 2
     entry_shift = 3 if wide else 2
     entries = []
@@ -115,7 +115,7 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
 
     for level, shift, idx_mask, rsvd_table, rsvd_page, addr_mask in rows:
         idx = (vaddr >> shift) & idx_mask
-        f = frame(table)
+        f = frames.get(table)
         e = f[view][idx] if f is not None else (mem.qwords(table) if wide else mem.dwords(table))[idx]
         if not e & PTE_P:
             if probe:
