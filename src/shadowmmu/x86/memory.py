@@ -72,7 +72,6 @@ class PhysicalMemory:
         mv = memoryview(buf)
         return buf, mv.cast("Q"), mv.cast("I")
 
-
     def qwords(self, pfn: int) -> memoryview:
         """The frame as 512 u64 (read only use; untouched frames read as a shared zero frame)."""
         f = self.frames.get(pfn)
