@@ -27,3 +27,9 @@ def audit_every_mmu(monkeypatch):
     (KVM's mmu_audit.c): a broken invariant fails the test at the exit where it
     breaks, not later where it shows.  Long workloads choose an interval."""
     monkeypatch.setattr(ShadowMMU, "audit_by_default", True)
+
+
+@pytest.fixture(params=("dict", "mmap"))
+def memory_backend(request):
+    """A PhysicalMemory backend: the memory tests run on both, which must not differ in behaviour."""
+    return request.param

@@ -1,4 +1,4 @@
-"""PhysicalMemory behaviour and the `shadowmmu walk` command."""
+"""PhysicalMemory behaviour (both backends) and the `shadowmmu walk` command."""
 
 import subprocess
 import sys
@@ -6,13 +6,13 @@ import sys
 import pytest
 
 from shadowmmu.cli import main
-from shadowmmu.x86 import PhysicalAddressError, PhysicalMemory
+from shadowmmu.x86 import PhysicalAddressError, PhysicalMemory, physical_memory
 from shadowmmu.x86.builder import PageTableBuilder
 from shadowmmu.x86.formats import PagingMode
 
 
-def test_a_64_gib_memory_allocates_only_touched_pages():
-    mem = PhysicalMemory(64 << 30)
+def test_a_64_gib_memory_allocates_only_touched_pages(memory_backend):
+    mem = physical_memory(64 << 30, backend=memory_backend)
     mem.write_u64(0xF_FFFF_F000, 0x1122334455667788)
     mem.write(0x1FFE, b"\xaa\xbb\xcc\xdd")             # straddles two frames
     assert mem.allocated_frames() == [1, 2, 0xFFFFFF]
@@ -23,25 +23,25 @@ def test_a_64_gib_memory_allocates_only_touched_pages():
     assert len(mem.allocated_frames()) == 3
 
 
-def test_unaligned_and_straddling_integer_access_is_little_endian():
-    mem = PhysicalMemory(1 << 20)
+def test_unaligned_and_straddling_integer_access_is_little_endian(memory_backend):
+    mem = physical_memory(1 << 20, backend=memory_backend)
     mem.write_u64(0xFFD, 0x0807060504030201)
     assert mem.read(0xFFD, 8) == bytes(range(1, 9))
     assert mem.read_u32(0xFFF) == 0x06050403
 
 
 @pytest.mark.parametrize("paddr,n", [(1 << 20, 1), ((1 << 20) - 4, 8), (-1, 1)])
-def test_out_of_range_access_names_the_address(paddr, n):
-    mem = PhysicalMemory(1 << 20)
+def test_out_of_range_access_names_the_address(paddr, n, memory_backend):
+    mem = physical_memory(1 << 20, backend=memory_backend)
     with pytest.raises(PhysicalAddressError, match="outside memory"):
         mem.read(paddr, n)
 
 
-def test_bad_sizes_are_rejected_clearly():
+def test_bad_sizes_are_rejected_clearly(memory_backend):
     with pytest.raises(ValueError, match="multiple of 4096"):
-        PhysicalMemory(1000)
+        physical_memory(1000, backend=memory_backend)
     with pytest.raises(ValueError, match="maxphyaddr"):
-        PhysicalMemory(1 << 20, maxphyaddr=60)
+        physical_memory(1 << 20, maxphyaddr=60, backend=memory_backend)
 
 
 @pytest.fixture

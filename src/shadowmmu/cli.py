@@ -94,8 +94,9 @@ def cmd_bench(args) -> int:
     if args.what == "walk":
         from .analysis.bench_walk import bench_walk
         with console.status(f"bench walk: {args.pages} pages per paging mode, then volatility3 ..."):
-            rows = bench_walk(args.pages)
-        t = Table(title=f"page walks per second ({args.pages} mapped 4K pages, random order)")
+            rows = bench_walk(args.pages, memory=args.memory)
+        t = Table(title=f"page walks per second ({args.pages} mapped 4K pages, random order, "
+                        f"{args.memory} memory)")
         for col in ("mode", "cold walks/s", "TLB hits/s", "volatility3 walks/s", "ours / volatility3"):
             t.add_column(col, justify="right")
         for r in rows:
@@ -660,6 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--frames", choices=("warm", "cold"), default="cold",
                    help="ram: cold (frames cleared when allocated, the default) or warm (boot zeroes all RAM)")
     b.add_argument("--touch", type=int, default=4096, help="ram: pages the workload writes after boot")
+    b.add_argument("--memory", choices=("dict", "mmap"), default="dict",
+                   help="walk: physical memory backend, a bytearray per frame (dict, the default) or one "
+                        "anonymous mapping (mmap)")
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("selfcheck", help="verification campaigns (QEMU differential, lockstep)")

@@ -3,7 +3,9 @@
 Cold walks (no TLB, A bits already set so a walk writes nothing), TLB hits, and
 volatility3's Intel layers translating the same addresses on the same tables.
 volatility3 checks no permissions and sets no A/D; ours does both, so the ratio
-is conservative for us.
+is conservative for us.  ``memory`` picks the PhysicalMemory backend the
+tables live in ("dict" or "mmap"): the walker reaches both through the same
+frame views, so their rates should match.
 """
 
 from __future__ import annotations
@@ -11,18 +13,18 @@ from __future__ import annotations
 import random
 import time
 
-from ..x86 import Access, PhysicalMemory, Tlb, translate
+from ..x86 import Access, PhysicalMemory, Tlb, physical_memory, translate
 from ..x86.builder import PageTableBuilder
 from ..x86.formats import PagingMode
 
 MODES = (PagingMode.BITS32, PagingMode.PAE, PagingMode.LEVEL4, PagingMode.LEVEL5)
 
 
-def build_workload(mode: PagingMode, nr_pages: int, seed: int = 1):
+def build_workload(mode: PagingMode, nr_pages: int, seed: int = 1, memory: str = "dict"):
     """Map nr_pages 4K pages at random page-aligned addresses of the mode's
     address space, backed by distinct frames; return (mem, cpu, vaddrs)."""
     rng = random.Random(seed)
-    mem = PhysicalMemory(1 << 30, maxphyaddr=40)
+    mem = physical_memory(1 << 30, maxphyaddr=40, backend=memory)
     b = PageTableBuilder(mem, mode)
     va_bits = {PagingMode.BITS32: 32, PagingMode.PAE: 32, PagingMode.LEVEL4: 47, PagingMode.LEVEL5: 56}[mode]
     vaddrs = set()
@@ -74,17 +76,17 @@ def volatility_layer(mem: PhysicalMemory, cpu, mode: PagingMode):
     return layer
 
 
-def bench_walk(nr_pages: int = 4096, min_time: float = 0.4) -> list[dict]:
+def bench_walk(nr_pages: int = 4096, min_time: float = 0.4, memory: str = "dict") -> list[dict]:
     rows = []
     for mode in MODES:
-        mem, cpu, vaddrs = build_workload(mode, nr_pages)
+        mem, cpu, vaddrs = build_workload(mode, nr_pages, memory=memory)
         cold = _rate(lambda va: translate(mem, cpu, va, Access.USER), vaddrs, min_time)
         tlb = Tlb()
         for va in vaddrs:
             tlb.translate(mem, cpu, va, Access.USER)
         hits = _rate(lambda va: tlb.translate(mem, cpu, va, Access.USER), vaddrs, min_time)
-        row = {"mode": mode.value, "pages": nr_pages, "cold_walks_per_s": cold, "tlb_hits_per_s": hits,
-               "volatility3_per_s": None, "ratio": None}
+        row = {"mode": mode.value, "pages": nr_pages, "memory": memory, "cold_walks_per_s": cold,
+               "tlb_hits_per_s": hits, "volatility3_per_s": None, "ratio": None}
         layer = volatility_layer(mem, cpu, mode)
         if layer is not None:
             # same answers first, then speed

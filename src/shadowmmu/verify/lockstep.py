@@ -669,7 +669,7 @@ class _NativeCheckpoint:
 
     def __init__(self, vm: VM, vcpu):
         host = vm.host
-        self.frames = {pfn: bytes(f[0]) for pfn, f in host._frames.items()}
+        self.frames = {pfn: bytes(f[0]) for pfn, f in host.frames.items()}
         tlb = vcpu.tlb
         self.small = dict(tlb.small)
         self.large = {s: {k: set(v) for k, v in d.items()} for s, d in tlb.large.items()}
@@ -679,7 +679,7 @@ class _NativeCheckpoint:
 
     def restore(self, vm: VM, vcpu) -> None:
         zero = bytes(4096)
-        for pfn, f in vm.host._frames.items():
+        for pfn, f in vm.host.frames.items():
             f[0][:] = self.frames.get(pfn, zero)
         tlb = vcpu.tlb
         tlb.small = self.small

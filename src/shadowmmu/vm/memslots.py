@@ -1,8 +1,8 @@
 """Memslots: guest physical frames -> host physical frames, and MMIO regions.
 
 ``GuestPhysical`` is guest-physical memory as the guest's own page-table walk
-sees it: it has the frame interface of ``x86.PhysicalMemory`` (``_frames.get``,
-``qwords``/``dwords``), translated through the memslots, so the one x86 walker
+sees it: a ``FrameSource`` (``x86.frames``: ``frames``, ``qwords``/``dwords``)
+whose frames are the host's, translated through the memslots, so the one x86 walker
 walks guest tables (native mode, and the shadow MMU's guest walk) and shadow
 tables (host memory) alike.  A guest-physical address with no memslot behind it
 reads as all ones and drops writes, as unbacked physical addresses do on a PC.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..x86.memory import PhysicalMemory
+from ..x86.frames import Frame, FrameStore
 
 _ONES = bytearray(b"\xff" * 4096)
 _ONES_Q = memoryview(_ONES).cast("Q")
@@ -39,15 +39,32 @@ class MmioRegion:
     name: str = "mmio"
 
 
-class GuestPhysical:
-    """Guest-physical memory through memslots, with the frame interface the walker uses."""
+class GuestFrames:
+    """``GuestPhysical.frames``: guest frame number -> the views of the host frame
+    behind it, or None (untouched, MMIO or nothing): a ``FrameTable``.  The first
+    memslot is inlined as a range check and an add (the walker's hot path)."""
 
-    def __init__(self, host: PhysicalMemory, slots: list[Memslot], mmio: list[MmioRegion] | None = None):
+    __slots__ = ("_lo", "_hi", "_delta", "_host", "_gfn_to_pfn")
+
+    def __init__(self, linear: tuple[int, int, int], host_frames, gfn_to_pfn):
+        self._lo, self._hi, self._delta = linear
+        self._host = host_frames
+        self._gfn_to_pfn = gfn_to_pfn
+
+    def get(self, gfn: int) -> Frame | None:
+        if self._lo <= gfn < self._hi:
+            return self._host.get(gfn + self._delta)
+        pfn = self._gfn_to_pfn(gfn)
+        return None if pfn is None else self._host.get(pfn)
+
+
+class GuestPhysical:
+    """Guest-physical memory through memslots: a FrameSource over a host FrameStore."""
+
+    def __init__(self, host: FrameStore, slots: list[Memslot], mmio: list[MmioRegion] | None = None):
         self.host = host
         self.slots = slots
         self.mmio = mmio if mmio is not None else []
-        self._frames = self          # the walker calls self._frames.get(gfn)
-        self._host_frames = host._frames
         self.maxphyaddr = host.maxphyaddr
         self._reindex()
 
@@ -57,6 +74,13 @@ class GuestPhysical:
         self._lo = s0.base_gfn if s0 else 0
         self._hi = s0.base_gfn + s0.npages if s0 else 0
         self._delta = (s0.host_pfn - s0.base_gfn) if s0 else 0
+        self.frames = GuestFrames(self.linear_range(), self.host.frames, self.gfn_to_pfn)
+
+    def linear_range(self) -> tuple[int, int, int]:
+        """The first memslot as (lo_gfn, hi_gfn, delta): gfn in [lo, hi) is host frame
+        gfn + delta (the common single-slot layout; an empty range when there are no
+        slots).  Hot paths check it inline before falling back to ``gfn_to_pfn``."""
+        return self._lo, self._hi, self._delta
 
     def slot_of(self, gfn: int) -> Memslot | None:
         for s in self.slots:
@@ -83,13 +107,7 @@ class GuestPhysical:
                 return r
         return None
 
-    # --- the frame interface of PhysicalMemory ----------------------------------
-    def get(self, gfn: int):
-        if self._lo <= gfn < self._hi:                  # the walker's hot path: inline the first slot
-            return self._host_frames.get(gfn + self._delta)
-        pfn = self.gfn_to_pfn(gfn)
-        return None if pfn is None else self._host_frames.get(pfn)
-
+    # --- FrameSource (and .frames) --------------------------------------------------
     def qwords(self, gfn: int):
         pfn = self.gfn_to_pfn(gfn)
         return _ONES_Q if pfn is None else self.host.qwords(pfn)

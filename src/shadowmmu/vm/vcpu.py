@@ -59,7 +59,7 @@ class VCpu:
         self.mmu_state = None
         self.access_hook = None          # see _access
         self.stats: Counter = Counter()
-        self._host_frames = vm.host._frames
+        self._host_frames = vm.host.frames
         self._sync_access()
         if not self.native:
             vm.mmu.attach(self)
@@ -76,7 +76,7 @@ class VCpu:
         self._acc_r = r
         self._acc_w = r | 8
         # native fast path: the first memslot as a range check and an offset
-        self._lo, self._hi, self._delta = self.gmem._lo, self.gmem._hi, self.gmem._delta
+        self._lo, self._hi, self._delta = self.gmem.linear_range()
 
     # ------------------------------------------------------------- accesses
     def load(self, vaddr: int, size: int = 8) -> int:
@@ -121,7 +121,7 @@ class VCpu:
                 off = pa & 0xFFF
                 f = self._host_frames.get(pa >> 12)
                 if f is None:
-                    f = self.host._alloc(pa >> 12)
+                    f = self.host.frame_w(pa >> 12)
                 if size == 8 and not off & 7:
                     f[1][off >> 3] = value
                 elif size == 4 and not off & 3:
@@ -148,7 +148,7 @@ class VCpu:
             if not self._lo <= pa >> 12 < self._hi:
                 return None
             pa += self._delta << 12
-        return self.host._alloc(pa >> 12)[0], pa & 0xFFF
+        return self.host.frame_w(pa >> 12)[0], pa & 0xFFF
 
     def rep_stos(self, vaddr: int, value: int, count: int, size: int = 8) -> None:
         """REP STOS: ``count`` stores of ``value`` (``size`` bytes each) upwards from
@@ -287,7 +287,7 @@ class VCpu:
             if value is None:
                 return 0 if f is None else int.from_bytes(f[0][off:off + size], "little")
             if f is None:
-                f = self.host._alloc(addr >> 12)
+                f = self.host.frame_w(addr >> 12)
             f[0][off:off + size] = value.to_bytes(size, "little")
             return None
         if value is None:

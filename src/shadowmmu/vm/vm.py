@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..mmu.audit import audit
 from ..mmu.mmu import ShadowMMU
-from ..x86.memory import PhysicalMemory
+from ..x86.memory import physical_memory
 from .events import EventLog
 from .memslots import GuestPhysical, Memslot, MmioRegion
 from .vcpu import VCpu
@@ -25,12 +25,14 @@ class VM:
     same knob under the name the MMU gives it.  ``seed_access_bug`` restores the
     seed's update_pte rights; ``pool_pages`` bounds the shadow page pool;
     ``audit`` sets the MMU's audit points (see ShadowMMU).
+    ``memory`` is the host memory's backend: "dict" (a bytearray per frame) or
+    "mmap" (one anonymous mapping, see ``x86.memory.MappedPhysicalMemory``).
     ``vm.policy`` and ``vm.exits`` (exits by reason) read the result back."""
 
     def __init__(self, ram_size: int = 256 << 20, *, native: bool = False, policy: str | None = None,
                  pte_write: str | None = None, seed_access_bug: bool = False, pool_pages: int = 4096,
                  nr_vcpus: int = 1, maxphyaddr: int = 40, tracing: bool = False,
-                 audit: bool | int | None = None):
+                 audit: bool | int | None = None, memory: str = "dict"):
         if policy is not None and pte_write is not None and policy != pte_write:
             raise ValueError(f"policy={policy!r} and pte_write={pte_write!r} name the same knob: give one")
         pte_write = policy or pte_write or "update"
@@ -50,7 +52,7 @@ class VM:
         pool_base = POOL_HOST_BASE_PFN
         extra = 0 if native else pool_pages + nr_vcpus
         ram_base = pool_base + extra
-        self.host = PhysicalMemory((ram_base + self.ram_pages) << 12, maxphyaddr=52)
+        self.host = physical_memory((ram_base + self.ram_pages) << 12, maxphyaddr=52, backend=memory)
         self.slots = [Memslot(0, self.ram_pages, ram_base, id=0)]
         self.mmio: list[MmioRegion] = []
         self.gmem = GuestPhysical(self.host, self.slots, self.mmio)

@@ -12,7 +12,8 @@ from .bits import (
 from .cpu import CpuState
 from .faults import GeneralProtection, NonCanonicalAddress, PageFault
 from .formats import FORMATS, PagingFormat, PagingMode
-from .memory import PhysicalAddressError, PhysicalMemory
+from .frames import Frame, FrameSource, FrameStore
+from .memory import MappedPhysicalMemory, PhysicalAddressError, PhysicalMemory, physical_memory
 from .tlb import Tlb
 from .walker import Translation, translate
 
@@ -27,8 +28,9 @@ class Access:
 
 
 __all__ = [
-    "Access", "CpuState", "GeneralProtection", "NonCanonicalAddress", "PageFault", "PagingFormat",
-    "PagingMode", "PhysicalAddressError", "PhysicalMemory", "Tlb", "Translation", "translate", "FORMATS",
+    "Access", "CpuState", "Frame", "FrameSource", "FrameStore", "GeneralProtection", "MappedPhysicalMemory",
+    "NonCanonicalAddress", "PageFault", "PagingFormat", "PagingMode", "PhysicalAddressError", "PhysicalMemory",
+    "physical_memory", "Tlb", "Translation", "translate", "FORMATS",
     "describe_error_code",
     # the bit names most callers need, re-exported from .bits
     "ACC_FETCH", "ACC_IMPLICIT", "ACC_USER", "ACC_WRITE", "CR0_PE", "CR0_PG", "CR0_WP", "CR4_LA57",

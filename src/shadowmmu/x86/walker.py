@@ -144,7 +144,7 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
         raise ValueError(f"linear address {vaddr:#x} does not fit in 32 bits")
 
     wide = fmt.entry_size == 8
-    frames = mem._frames            # pfn -> (bytes, u64 view, u32 view); see PhysicalMemory
+    frames = mem.frames             # pfn -> (bytes, u64 view, u32 view); see x86.frames
     view = 1 if wide else 2
     entry_shift = 3 if wide else 2
     entries = []
