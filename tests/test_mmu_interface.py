@@ -166,34 +166,29 @@ def test_a_spte_becoming_writable_marks_its_page_dirty():
 
 
 # --- audit points ----------------------------------------------------------------
-def _write_protect_behind_the_mmus_back(vm, g):
-    """Clear W in the spte of USER_BASE without set_spte: the rmap is now stale."""
+def _stale_rmap_vm(audit):
+    """A VM whose spte for USER_BASE lost W behind set_spte's back: the rmap is stale."""
+    vm = VM(16 << 20, audit=audit)
+    g = MiniGuest(vm, "64")
     v = vm.vcpu
+    v.set_cpl(3)
+    v.store(USER_BASE, 1, 8)
     v.set_cpl(0)
     (sp,) = vm.mmu.shadowed[g.pte_addr(USER_BASE) >> 12]
     v.set_cpl(3)
     assert sp.spt[0] & SPTE_W
     sp.spt[0] &= ~SPTE_W
+    return vm, v
 
 
 def test_an_audited_mmu_stops_at_the_exit_after_an_invariant_broke():
-    vm = VM(16 << 20, audit=True)
-    g = MiniGuest(vm, "64")
-    v = vm.vcpu
-    v.set_cpl(3)
-    v.store(USER_BASE, 1, 8)
-    _write_protect_behind_the_mmus_back(vm, g)
+    vm, v = _stale_rmap_vm(True)
     with pytest.raises(AuditError, match="rmap is not exact"):
         v.store(USER_BASE + 0x1000, 1, 8)              # the next exit's audit point
 
 
 def test_an_unaudited_mmu_does_not_notice():
-    vm = VM(16 << 20, audit=False)
-    g = MiniGuest(vm, "64")
-    v = vm.vcpu
-    v.set_cpl(3)
-    v.store(USER_BASE, 1, 8)
-    _write_protect_behind_the_mmus_back(vm, g)
+    vm, v = _stale_rmap_vm(False)
     v.store(USER_BASE + 0x1000, 1, 8)
     assert vm.mmu.audit_points == 0
     with pytest.raises(AuditError, match="rmap is not exact"):
