@@ -37,6 +37,7 @@ USER_VA = USER_BASE + 0x1000        # user read-write, written at CPL 3: a writa
 KRW_VA = USER_BASE + 0x2000         # supervisor read-write, read at CPL 0 (the guest pte is dirty)
 KRO_VA = USER_BASE + 0x3000         # supervisor read-only
 NX_VA = USER_BASE + 0x4000          # user read-write no-execute (8-byte formats)
+URO_VA = USER_BASE + 0x5000         # user read-only
 HIGH_VA = 0xFFFF800000001000        # supervisor read-write in the upper half (4-level guest)
 
 
@@ -60,7 +61,7 @@ class World:
             v.write_cr4(v.guest.cr4 | cr4)
         key = pkey << PTE_PKEY_SHIFT
         pages = [(MMIO_VA, MMIO_GPA >> 12, P | W | U | A | D), (USER_VA, None, P | W | U | A | D | key),
-                 (KRW_VA, None, P | W | A | D), (KRO_VA, None, P | A | D)]
+                 (KRW_VA, None, P | W | A | D), (KRO_VA, None, P | A | D), (URO_VA, None, P | U | A | D)]
         if g.wide:
             pages.append((NX_VA, None, P | W | U | A | D | NX | key))
         if guest == "64":
@@ -73,6 +74,7 @@ class World:
         v.set_cpl(3)
         v.store(MMIO_VA, 1, 4)
         v.store(USER_VA, 1, 8)
+        v.load(URO_VA, 8)
         if g.wide:
             v.store(NX_VA, 1, 8)
         v.set_cpl(0)
@@ -315,6 +317,11 @@ def test_a_spte_granting_more_rights_than_the_guest(guest):
     assert audit_message(w.vm) == allows(w, KRO_VA, "supervisor write")
     w.set_spte(KRO_VA, w.spte(KRO_VA) & ~SPTE_W)
     w.vm.audit()
+    # W on a read-only user page
+    w.set_spte(URO_VA, w.spte(URO_VA) | SPTE_W)
+    assert audit_message(w.vm) == allows(w, URO_VA, "supervisor write")
+    w.set_spte(URO_VA, w.spte(URO_VA) & ~SPTE_W)
+    w.vm.audit()
     # U on a supervisor page
     w.set_spte(KRW_VA, w.spte(KRW_VA) | SPTE_U)
     assert audit_message(w.vm) == allows(w, KRW_VA, "user read")
@@ -379,6 +386,7 @@ def test_the_audit_writes_nothing():
     """A spte with A=0 is harmless (the hardware sets A on its next walk); an audit
     that walked with A/D updates would set it, and would hide a guest pte's A=0."""
     w = World()
+    w.touch()                   # the TLB check walks it too
     sp, idx = w.leaf(USER_VA)
     sp.spt[idx] &= ~SPTE_A
     host_before = {pfn: w.vm.host.frame_bytes(pfn) for pfn in w.vm.host.allocated_frames()}
