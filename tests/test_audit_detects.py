@@ -37,7 +37,7 @@ USER_VA = USER_BASE + 0x1000        # user read-write, written at CPL 3: a writa
 KRW_VA = USER_BASE + 0x2000         # supervisor read-write, read at CPL 0 (the guest pte is dirty)
 KRO_VA = USER_BASE + 0x3000         # supervisor read-only
 NX_VA = USER_BASE + 0x4000          # user read-write no-execute (8-byte formats)
-URO_VA = USER_BASE + 0x5000         # user read-only
+URO_VA = USER_BASE + 0x5000         # user read-only (no-execute in 8-byte formats)
 HIGH_VA = 0xFFFF800000001000        # supervisor read-write in the upper half (4-level guest)
 
 
@@ -63,6 +63,7 @@ class World:
         pages = [(MMIO_VA, MMIO_GPA >> 12, P | W | U | A | D), (USER_VA, None, P | W | U | A | D | key),
                  (KRW_VA, None, P | W | A | D), (KRO_VA, None, P | A | D), (URO_VA, None, P | U | A | D)]
         if g.wide:
+            pages[-1] = (URO_VA, None, P | U | A | D | NX)
             pages.append((NX_VA, None, P | W | U | A | D | NX | key))
         if guest == "64":
             pages.append((HIGH_VA, None, P | W | A | D))
@@ -265,6 +266,14 @@ def test_a_missing_parent_link():
     assert audit_message(w.vm) == f"{sp!r} parent links [] != sptes pointing at it ['{addr:#x}']"
 
 
+def test_a_parent_link_on_a_page_nothing_points_at():
+    w = World()
+    sp, addr = w.parent(USER_VA)
+    root = w.mmu.by_hpfn[w.v.hw.cr3 >> 12]
+    root.parents.add(addr)
+    assert audit_message(w.vm) == f"{root!r} parent links ['{addr:#x}'] != sptes pointing at it []"
+
+
 def test_a_stale_parent_link():
     w = World()
     sp, addr = w.parent(USER_VA)
@@ -317,7 +326,7 @@ def test_a_spte_granting_more_rights_than_the_guest(guest):
     assert audit_message(w.vm) == allows(w, KRO_VA, "supervisor write")
     w.set_spte(KRO_VA, w.spte(KRO_VA) & ~SPTE_W)
     w.vm.audit()
-    # W on a read-only user page
+    # W on a read-only user page (no-execute too in 8-byte formats: W is judged apart from X)
     w.set_spte(URO_VA, w.spte(URO_VA) | SPTE_W)
     assert audit_message(w.vm) == allows(w, URO_VA, "supervisor write")
     w.set_spte(URO_VA, w.spte(URO_VA) & ~SPTE_W)
