@@ -183,13 +183,13 @@ def test_a_page_outside_the_pool(end):
     assert audit_message(w.vm) == f"{sp!r} lives outside the shadow pool"
 
 
-@pytest.mark.parametrize("how", ["frame holds no page", "page zapped"])
+@pytest.mark.parametrize("how", ["no-page-there", "page-zapped"])
 def test_an_upper_spte_pointing_at_no_live_shadow_page(how):
     w = World()
     sp, addr = w.parent(USER_VA)
     parent = w.mmu.by_hpfn[addr >> 12]
     pidx = (addr & 0xFFF) >> 3
-    if how == "frame holds no page":
+    if how == "no-page-there":        # the frame holds no shadow page
         del w.mmu.by_hpfn[sp.hpfn]
     else:                       # zapped and uncached, but its parent spte was never cleared
         sp.zapped = True
@@ -347,7 +347,8 @@ def test_a_spte_granting_more_in_the_upper_half_names_the_canonical_address():
     assert audit_message(w.vm) == allows(w, HIGH_VA, "user read")     # gva 0xffff800000001000, sign-extended
 
 
-@pytest.mark.parametrize("feature, denied", [(CR4_SMEP, "supervisor fetch"), (CR4_SMAP, "supervisor read")])
+@pytest.mark.parametrize("feature, denied", [(CR4_SMEP, "supervisor fetch"), (CR4_SMAP, "supervisor read")],
+                         ids=["smep", "smap"])
 def test_a_user_page_made_supervisor_only_under_smep_or_smap(feature, denied):
     """The CR0.WP=0 trick's hazard: a supervisor-only spte for a user page lets the
     kernel fetch (SMEP) or read (SMAP) what the guest forbids it."""
