@@ -7,7 +7,7 @@ import pytest
 
 from shadowmmu.mmu.mmu import ShadowMMU
 
-FIRST = ("test_mmu_exits.py", "test_mmu_features.py", "test_lockstep.py", "test_mmu_mutants.py")
+FIRST = ("test_mmu_exits.py", "test_mmu_features.py", "test_audit_detects.py", "test_lockstep.py", "test_mmu_mutants.py")
 CAMPAIGNS = ("test_native_and_shadow_are_indistinguishable", "test_seeded_campaign",
              "test_the_seed_update_pte_bug_is_found")
 
