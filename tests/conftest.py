@@ -21,11 +21,11 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)         # stable: the order within each group is kept
 
 
-# Every audit point in the tests of the MMU, the vCPU and lockstep.  Elsewhere the
+# Every audit point in the tests of the MMU, its audit, the vCPU and lockstep.  Elsewhere the
 # VMs mostly boot the Linux-like guest: tens of thousands of exits, and an audit
 # walks every spte of its direct map (~0.3 s for a 64 MB guest on this machine),
 # so there every 4096th point (docs/design.md, Invariants).
-FULL_AUDIT = ("test_mmu", "test_lockstep", "test_vcpu")
+FULL_AUDIT = ("test_mmu", "test_audit", "test_lockstep", "test_vcpu")
 SAMPLE_INTERVAL = 4096
 
 
