@@ -4,7 +4,7 @@ import ctypes
 
 import pytest
 
-from shadowmmu.guest import run_workload
+from shadowmmu.analysis.run import run_workload
 from shadowmmu.vm import VM
 from shadowmmu.x86 import (
     Access, FrameSource, FrameStore, MappedPhysicalMemory, PhysicalAddressError, PhysicalMemory, physical_memory,
