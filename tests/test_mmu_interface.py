@@ -33,14 +33,14 @@ def _four_level(pml4e_bits, pdpte_bits, pde_bits, pte_bits):
 def test_each_walk_step_carries_its_table_entry_and_the_rights_so_far():
     mem, cpu = _four_level(W | U, U | NX, W | U, W | U)
     t = translate(mem, cpu, 0x123, 0)
-    assert [(s.level, s.table_gfn, s.addr, s.value & 0xFFF) for s in t.entries] == [
+    assert [(s.level, s.table_gfn, s.addr, s.value & 0xFFF) for s in t.steps] == [
         (4, 1, 0x1000, P | W | U | A), (3, 2, 0x2000, P | U | A), (2, 3, 0x3000, P | W | U | A),
         (1, 4, 0x4000, P | W | U | A)]
     # W lost at level 3, X lost at level 3 (NX), U kept throughout
-    assert [s.rights for s in t.entries] == [R_W | R_U | R_X, R_U, R_U, R_U]
+    assert [s.rights for s in t.steps] == [R_W | R_U | R_X, R_U, R_U, R_U]
     assert t.rights == R_U and not t.writable and t.user and not t.executable
-    assert t.leaf == t.entries[-1].value and t.paddr == 0x5123
-    assert [t.at_level(n) for n in (4, 3, 2, 1)] == list(t.entries)
+    assert t.leaf == t.steps[-1].value and t.paddr == 0x5123
+    assert [t.at_level(n) for n in (4, 3, 2, 1)] == list(t.steps)
     assert t.at_level(5) is None and t.at_level(0) is None
 
 
@@ -56,7 +56,7 @@ def test_a_fault_carries_the_steps_up_to_the_faulting_entry():
     mem.write_u64(3 << 12, 0)                                   # the PDE is not present
     with pytest.raises(PageFault) as e:
         translate(mem, cpu, 0x123, ACC_USER)
-    assert [(s.level, s.addr, s.value) for s in e.value.entries] == [
+    assert [(s.level, s.addr, s.value) for s in e.value.steps] == [
         (4, 0x1000, (2 << 12) | P | W | U | A), (3, 0x2000, (3 << 12) | P | W | U | A), (2, 0x3000, 0)]
     assert e.value.error_code == PF_U
 

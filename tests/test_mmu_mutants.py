@@ -51,8 +51,8 @@ def leaf_spte(vm, va):
     try:
         t = translate(vm.host, vm.vcpu.hw, va, 0, set_ad=False)
     except PageFault as pf:
-        return pf.entries[-1].value
-    return t.entries[-1].value
+        return pf.entries[-1][2]
+    return t.entries[-1][2]
 
 
 def zap_everything(mmu):
@@ -740,7 +740,7 @@ def test_a_page_fault_carries_the_entries_read_up_to_the_faulting_one():
                 translate(tb.mem, tb.cpu(), va, access)
             assert e.value.error_code == code
             assert [(lvl, addr) for lvl, addr, *_ in e.value.entries] == [(lvl, addrs[lvl]) for lvl in levels]
-            assert e.value.entries[-1].value == tb.get(last)
+            assert e.value.entries[-1][2] == tb.get(last)
             with pytest.raises(PageFault) as e:
                 translate(tb.mem, tb.cpu(), va, access, record=False)
             assert e.value.entries == ()

@@ -93,16 +93,16 @@ class FaultPath:
             entries = translate(self.gmem, vcpu.guest, vaddr, access, set_ad=False).entries
         except PageFault as pf:
             entries = pf.entries
-        return {s.addr: s.value for s in entries}
+        return {addr: value for _, addr, value, _ in entries}
 
     def _log_changed_tables(self, before: dict[int, int], entries) -> None:
         """The guest walk sets A/D bits in the tables it passes: writes to guest
         memory on the guest's behalf, which the dirty log must show (the seed's
         walker calls mark_page_dirty when it sets A).  Only the tables whose entry
         changed are logged, as KVM does."""
-        for s in entries:
-            if before.get(s.addr, s.value) != s.value:
-                self.mark_dirty(s.addr >> 12)
+        for _, addr, value, _ in entries:
+            if before.get(addr, value) != value:
+                self.mark_dirty(addr >> 12)
 
     def build_shadow_path(self, vcpu, vaddr: int, access: int, walk) -> PfResult:
         """Find or create the shadow page of each level for a successful guest walk,
@@ -219,7 +219,7 @@ class FaultPath:
     def _table_in_use(self, gfn: int, walk) -> bool:
         """A table this very walk went through, or a vCPU's root: unshadowing it would
         only shadow it again on the next fault (a livelock), so emulate instead."""
-        if any(s.table_gfn == gfn for s in walk.entries):
+        if any(addr >> 12 == gfn for _, addr, _, _ in walk.entries):
             return True
         return any(sp.root_count for sp in self.shadowed.get(gfn, ()))
 

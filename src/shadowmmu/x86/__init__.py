@@ -10,7 +10,7 @@ from .bits import (
     PF_W, PTE_A, PTE_D, PTE_G, PTE_NX, PTE_P, PTE_PS, PTE_U, PTE_W, describe_error_code,
 )
 from .cpu import CpuState
-from .faults import GeneralProtection, NonCanonicalAddress, PageFault
+from .faults import GeneralProtection, NonCanonicalAddress, PageFault, WalkStep
 from .formats import FORMATS, PagingFormat, PagingMode
 from .frames import Frame, FrameSource, FrameStore
 from .memory import MappedPhysicalMemory, PhysicalAddressError, PhysicalMemory, physical_memory
@@ -30,7 +30,7 @@ class Access:
 __all__ = [
     "Access", "CpuState", "Frame", "FrameSource", "FrameStore", "GeneralProtection", "MappedPhysicalMemory",
     "NonCanonicalAddress", "PageFault", "PagingFormat", "PagingMode", "PhysicalAddressError", "PhysicalMemory",
-    "physical_memory", "Tlb", "Translation", "translate", "FORMATS",
+    "physical_memory", "Tlb", "Translation", "WalkStep", "translate", "FORMATS",
     "describe_error_code",
     # the bit names most callers need, re-exported from .bits
     "ACC_FETCH", "ACC_IMPLICIT", "ACC_USER", "ACC_WRITE", "CR0_PE", "CR0_PG", "CR0_WP", "CR4_LA57",

@@ -90,7 +90,10 @@ class CpuState:
     # derived state, recomputed by _update()
     mode: PagingMode = field(default=PagingMode.NONE, init=False)
     format: PagingFormat | None = field(default=None, init=False)
-    rows: tuple = field(default=(), init=False)
+    rows: tuple = field(default=(), init=False)           # LevelRows, top first
+    # The same rows as plain tuples, for the walker's loop: CPython unpacks an exact
+    # tuple at full speed and a NamedTuple through the iterator protocol (bench walk).
+    walk_rows: tuple = field(default=(), init=False)
     perm: bytes = field(default=b"", init=False)
     report_id: bool = field(default=False, init=False)
     pk_active: bool = field(default=False, init=False)
@@ -193,6 +196,7 @@ class CpuState:
             self.mode = PagingMode.BITS32
         self.format = FORMATS.get(self.mode)
         self.rows = self._build_rows()
+        self.walk_rows = tuple(map(tuple, self.rows))
         wp, smep, smap = bool(cr0 & CR0_WP), bool(cr4 & CR4_SMEP), bool(cr4 & CR4_SMAP)
         self.perm = bytes(permission_faults(i & 7, i & ~7, wp=wp, smep=smep, smap=smap) for i in range(128))
         # SDM 4.7: I/D is reported only with SMEP, or with NX in a PAE-format walk.

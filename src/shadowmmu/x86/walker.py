@@ -26,36 +26,19 @@ from .bits import (
     PTE_NX, PTE_P, PTE_PKEY_SHIFT, PTE_PS, PTE_U, PTE_W, R_U, R_W, R_X,
 )
 from .cpu import A_SMAP_OVERRIDE, CpuState
-from .faults import NonCanonicalAddress, PageFault
+from .faults import NonCanonicalAddress, PageFault, WalkStep
 from .formats import PagingMode
 
 PAGE_SIZE_NAMES = {12: "4K", 21: "2M", 22: "4M", 30: "1G"}
 
 
-class WalkStep(NamedTuple):
-    """One level of a walk (KVM's guest_walker keeps the same facts in parallel
-    arrays: ``table_gfn[]``, ``pte_gpa[]``, ``ptes[]``, ``pt_access[]``).
-
-    ``rights`` is what this entry and every entry above it grant together
-    (R_W|R_U|R_X, before CR0.WP/SMEP/SMAP/PKRU apply); a PAE PDPTE grants all.
-    For an entry the walk faulted on (not present, reserved bit) it is meaningless."""
-    level: int
-    addr: int                # physical address of the entry
-    value: int               # the entry as memory holds it after the walk (A/D set)
-    rights: int
-
-    @property
-    def table_gfn(self) -> int:
-        """The frame of the table that holds the entry."""
-        return self.addr >> 12
-
-
 class Translation(NamedTuple):
     """The result of a successful walk.
 
-    ``entries`` holds the WalkSteps top to bottom (empty without paging, or when
-    walked with ``record=False``); in PAE mode the first is the PDPTE register,
-    with the address it was loaded from."""
+    ``entries`` is the walk record: one (level, entry address, value, rights)
+    per level read, top to bottom, laid out as ``WalkStep`` (``steps`` names
+    them; empty without paging, or when walked with ``record=False``).  In PAE
+    mode the first is the PDPTE register, with the address it was loaded from."""
     vaddr: int
     paddr: int
     page_shift: int          # 12, 21, 22 or 30
@@ -81,21 +64,25 @@ class Translation(NamedTuple):
     def executable(self) -> bool:
         return bool(self.rights & R_X)
 
+    @property
+    def steps(self) -> tuple[WalkStep, ...]:
+        return tuple(map(_step, self.entries))
+
     def at_level(self, level: int) -> WalkStep | None:
         """The step of ``level``; None where the walk read no entry of that level
         (below the leaf, above a PAE PDPTE, without paging or with record=False)."""
         entries = self.entries
         if entries:
-            i = entries[0].level - level
+            i = entries[0][0] - level
             if 0 <= i < len(entries):
-                return entries[i]
+                return _step(entries[i])
         return None
 
     @property
     def leaf(self) -> int:
         """The guest's leaf entry after the walk; without paging, a dirty, accessed
         page (nothing to set, nothing to trap)."""
-        return self.entries[-1].value if self.entries else PTE_A | PTE_D
+        return self.entries[-1][2] if self.entries else PTE_A | PTE_D
 
 
 _VALID_ACCESS = ACC_WRITE | ACC_USER | ACC_FETCH | ACC_IMPLICIT
@@ -104,6 +91,12 @@ _VALID_ACCESSES = frozenset(a for a in range(_VALID_ACCESS + 1) if not a & ~_VAL
                             and not (a & ACC_FETCH and a & ACC_WRITE) and not (a & ACC_IMPLICIT and a & ACC_USER))
 _NONE, _PAE = PagingMode.NONE, PagingMode.PAE
 _NO_PAGING = R_W | R_U | R_X
+# The walk builds its result with tuple.__new__ and the fields in declaration
+# order, and its record as plain tuples: a NamedTuple's own constructor is a
+# Python call, and per level it cost a cold 4-level walk a fifth of its speed
+# (bench walk).  Everywhere else, build them by keyword.
+_new = tuple.__new__
+_step = WalkStep._make
 
 
 def fault_error_code(cpu: CpuState, access: int, cause: int = 0) -> int:
@@ -151,7 +144,7 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
     # Effective rights, accumulated by AND.  NX is inverted first so that it ANDs
     # like W and U: bit 63 of `rights` ends up set only if no level has NX.
     rights = PTE_W | PTE_U | PTE_NX
-    rows = cpu.rows
+    rows = cpu.walk_rows
     # The walk's one fault exit: a check that fails sets `cause` (the error code's
     # P/RSVD/PK bits) and leaves the loop with `level`, `e` and its address set.
     cause = -1
@@ -164,10 +157,10 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
             cause = 0
         else:
             if record:
-                entries.append(WalkStep(3, e_addr, e, _NO_PAGING))
-            table = (e & rows[0].addr_mask) >> 12
+                entries.append((3, e_addr, e, _NO_PAGING))
+            table = (e & cpu.rows[0].addr_mask) >> 12
     else:
-        table = (cpu.cr3 & rows[0].addr_mask) >> 12
+        table = (cpu.cr3 & cpu.rows[0].addr_mask) >> 12
 
     if cause < 0:
         for level, shift, idx_mask, rsvd_table, rsvd_page, addr_mask in rows:
@@ -192,8 +185,8 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
                 if f is not None:       # None: memory that drops writes (nothing behind the address)
                     f[view][idx] = e
             if record:
-                entries.append(WalkStep(level, (table << 12) | (idx << entry_shift), e,
-                                        ((rights >> 1) & 3) | ((rights >> 61) & 4)))
+                entries.append((level, (table << 12) | (idx << entry_shift), e,
+                                ((rights >> 1) & 3) | ((rights >> 61) & 4)))
             table = (e & addr_mask) >> 12
         e_addr = (table << 12) | (idx << entry_shift)
 
@@ -213,7 +206,7 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
         if probe:
             return None
         raise PageFault(vaddr, fault_error_code(cpu, access, cause),
-                        (*entries, WalkStep(level, e_addr, e, 0)) if record else ())
+                        (*entries, (level, e_addr, e, 0)) if record else ())
 
     if set_ad:
         new = e | (PTE_A | PTE_D if write else PTE_A)
@@ -222,16 +215,17 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
                 leaf_frame[view][leaf_idx] = new
             e = new
     if record:
-        entries.append(WalkStep(level, e_addr, e, r))
+        entries.append((level, e_addr, e, r))
 
     if leaf_shift == 22:
         # PSE-36: PDE bits 20:13 are physical address bits 39:32 (as many as MAXPHYADDR allows).
         base = (e & 0xFFC00000) | (((e >> 13) & 0xFF) << 32)
     else:
         base = e & addr_mask & ~((1 << leaf_shift) - 1)
-    return Translation(vaddr=vaddr, paddr=base | (vaddr & ((1 << leaf_shift) - 1)), page_shift=leaf_shift,
-                       rights=r, pkey=(e >> PTE_PKEY_SHIFT) & 0xF if fmt.pkeys else 0,
-                       global_page=e & 0x100 != 0, dirty=e & PTE_D != 0, entries=tuple(entries))
+    # (vaddr, paddr, page_shift, rights, pkey, global_page, dirty, entries)
+    return _new(Translation, (vaddr, base | (vaddr & ((1 << leaf_shift) - 1)), leaf_shift, r,
+                              (e >> PTE_PKEY_SHIFT) & 0xF if fmt.pkeys else 0, e & 0x100 != 0, e & PTE_D != 0,
+                              tuple(entries)))
 
 
 def _pkey_denies(cpu: CpuState, key: int, write: int, access: int) -> bool:
