@@ -221,3 +221,8 @@ def test_an_unknown_mode_name_is_refused_with_the_names_it_could_be():
     with pytest.raises(ValueError, match=r"unknown paging mode '48'; choose one of none, 32, pae, 64, la57"):
         PagingMode.parse("48")
     assert GUEST_MODES == ("32", "pae", "64", "la57")
+
+
+def test_the_minimal_guest_names_the_formats_it_runs():
+    with pytest.raises(ValueError, match="the minimal guest runs 32, pae, 64 paging, not 'la57'"):
+        MiniGuest(VM(16 << 20), "la57")
