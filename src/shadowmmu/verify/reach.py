@@ -27,8 +27,6 @@ from ..x86.formats import GUEST_MODES
 
 MEASURED = ("*/shadowmmu/mmu/*.py", "*/shadowmmu/x86/walker.py", "*/shadowmmu/x86/tlb.py",
             "*/shadowmmu/x86/cpu.py")
-GUEST_NAMES = GUEST_MODES
-POLICY_NAMES = POLICIES
 
 
 def _summary(cov, include) -> dict:
@@ -61,7 +59,7 @@ def _one(guest: str, policy: str, steps: int, seed: int) -> dict:
     return {"steps": n, "divergence": None if d is None else str(d)}
 
 
-def measure(steps: int, seed: int, guests=GUEST_NAMES, policies=POLICY_NAMES, workdir: str | None = None,
+def measure(steps: int, seed: int, guests=GUEST_MODES, policies=POLICIES, workdir: str | None = None,
             jobs: int = 2):
     """Run each campaign in a fresh process under ``coverage run --branch`` (so the
     modules' import-time lines count as what they are: run), then combine.

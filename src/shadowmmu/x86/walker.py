@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from .bits import (
     ACC_FETCH, ACC_IMPLICIT, ACC_USER, ACC_WRITE, PF_P, PF_PK, PF_RSVD, PTE_A, PTE_D,
-    PTE_NX, PTE_P, PTE_PKEY_SHIFT, PTE_PS, PTE_U, PTE_W, R_U, R_W, R_X,
+    PTE_NX, PTE_P, PTE_PKEY_SHIFT, PTE_PS, PTE_U, PTE_W, R_ALL, R_U, R_W, R_X,
 )
 from .cpu import A_SMAP_OVERRIDE, CpuState
 from .faults import NonCanonicalAddress, PageFault, WalkStep
@@ -90,7 +90,6 @@ _VALID_ACCESS = ACC_WRITE | ACC_USER | ACC_FETCH | ACC_IMPLICIT
 _VALID_ACCESSES = frozenset(a for a in range(_VALID_ACCESS + 1) if not a & ~_VALID_ACCESS
                             and not (a & ACC_FETCH and a & ACC_WRITE) and not (a & ACC_IMPLICIT and a & ACC_USER))
 _NONE, _PAE = PagingMode.NONE, PagingMode.PAE
-_NO_PAGING = R_W | R_U | R_X
 # The walk builds its result with tuple.__new__ and the fields in declaration
 # order, and its record as plain tuples: a NamedTuple's own constructor is a
 # Python call, and per level it cost a cold 4-level walk a fifth of its speed
@@ -125,7 +124,7 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
     if mode is _NONE:
         if not 0 <= vaddr < 1 << 32:
             raise ValueError(f"linear address {vaddr:#x} does not fit in 32 bits")
-        return Translation(vaddr=vaddr, paddr=vaddr, page_shift=12, rights=_NO_PAGING, pkey=0,
+        return Translation(vaddr=vaddr, paddr=vaddr, page_shift=12, rights=R_ALL, pkey=0,
                            global_page=False, dirty=True, entries=())
     fmt = cpu.format
     va_bits = fmt.va_bits
@@ -157,7 +156,7 @@ def translate(mem, cpu: CpuState, vaddr: int, access: int = 0, *, set_ad: bool =
             cause = 0
         else:
             if record:
-                entries.append((3, e_addr, e, _NO_PAGING))
+                entries.append((3, e_addr, e, R_ALL))
             table = (e & cpu.rows[0].addr_mask) >> 12
     else:
         table = (cpu.cr3 & cpu.rows[0].addr_mask) >> 12
