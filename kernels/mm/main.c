@@ -53,7 +53,7 @@ static struct {
 extern const uint8_t user_image[], user_image_end[];
 static const struct uhdr *uhdr;
 
-static const char *const prog_names[NPROGS] = { "demand", "forkwait", "kbuild", "sh", "cc", "ld" };
+static const char *const prog_names[NPROGS] = { "demand", "forkwait", "kbuild", "sh", "cc", "ld", "faults" };
 
 /* ------------------------------------------------------------------ areas */
 static struct vma *find_vma(struct proc *p, uintptr_t va)
@@ -499,6 +499,7 @@ void kmain(struct boot_info *bi)
 {
     static const struct { const char *name; int prog, dflt; } cmds[] = {
         { "demand", PROG_DEMAND, 200 }, { "forkwait", PROG_FORKWAIT, 50 }, { "kbuild", PROG_MAKE, 4 },
+        { "faults", PROG_FAULTS, 0 },
     };
     const char *argv[4];
     char buf[BOOT_CMDLINE_MAX];
@@ -512,7 +513,7 @@ void kmain(struct boot_info *bi)
         if (!strcmp(argv[0], cmds[i].name))
             which = (int)i;
     if (which < 0) {
-        kprintf("mm: usage: demand [N] | forkwait [N] | kbuild [N] (got '%s')\n", argc ? argv[0] : "");
+        kprintf("mm: usage: demand [N] | forkwait [N] | kbuild [N] | faults (got '%s')\n", argc ? argv[0] : "");
         kexit(1);
     }
     int n = katoi(argc > 1 ? argv[1] : 0, -1);

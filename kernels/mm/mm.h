@@ -26,7 +26,8 @@
 #define PROG_SH       3
 #define PROG_CC       4
 #define PROG_LD       5
-#define NPROGS        6
+#define PROG_FAULTS   6  /* children that each do one forbidden thing and get killed */
+#define NPROGS        7
 
 /* user address space (kern.h: user space is [1 GiB, 2 GiB)) */
 #define U_IMAGE     0x40000000u   /* text, rodata, then data and bss from the next page */

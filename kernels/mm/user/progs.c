@@ -237,6 +237,44 @@ static void ld(unsigned long arg)
     u_exit(0);
 }
 
+/* ------------------------------------------------------------------ faults */
+#define NFAULTS 6
+
+/* the forbidden thing number k; returning means it was allowed */
+static void misbehave(unsigned k)
+{
+    switch (k) {
+    case 0: *(volatile uint32_t *)U_IMAGE = 0; break;               /* write to read-only text */
+    case 1: (void)*(volatile uint32_t *)0x100000; break;            /* read the kernel (supervisor) */
+    case 2: (void)*(volatile uint32_t *)(U_MMAP_BASE - PG); break;  /* read outside every area */
+    case 3: *(volatile uint32_t *)(U_STACK_TOP + 16) = 0; break;    /* write above the stack */
+    case 4: __asm__ volatile("hlt"); break;                         /* privileged: #GP */
+    case 5: __asm__ volatile("outb %%al, $0xf4" :: "a"(5)); break;  /* I/O at IOPL 0: #GP, no exit */
+    }
+}
+
+static void faults(void)
+{
+    unsigned sum = 0, lost = 0;
+    for (unsigned k = 0; k < NFAULTS; k++) {
+        long pid = u_fork();
+        if (pid < 0)
+            fail("faults", "fork");
+        if (pid == 0) {
+            u_yield();                                   /* the parent runs on: nothing to yield to */
+            misbehave(k);
+            uprintf("faults: case %u was allowed (pid %ld)\n", k, u_getpid());
+            u_exit(0);
+        }
+        int st;
+        lost += u_wait(&st) != pid;
+        uprintf("faults: case %u status %d\n", k, st);
+        sum += (unsigned)st;
+    }
+    uprintf("faults: cases=%u status_sum=%u lost=%u\n", NFAULTS, sum, lost);
+    u_exit(lost != 0);
+}
+
 __attribute__((noreturn)) void umain(long prog, long arg)
 {
     switch (prog) {
@@ -246,6 +284,7 @@ __attribute__((noreturn)) void umain(long prog, long arg)
     case PROG_SH: sh((unsigned)arg); break;
     case PROG_CC: cc((unsigned)arg); break;
     case PROG_LD: ld((unsigned long)arg); break;
+    case PROG_FAULTS: faults(); break;
     }
     uprintf("umain: no program %ld\n", prog);
     u_exit(126);
