@@ -48,6 +48,7 @@ static int next_pid = 1;
 
 static struct {
     unsigned long demand, cow_copy, cow_reuse, forks, execs, exits, killed, syscalls;
+    unsigned long ptes_at_exit, accessed_at_exit, dirty_at_exit;
 } count;
 
 extern const uint8_t user_image[], user_image_end[];
@@ -291,9 +292,24 @@ static void reap(struct proc *z)
     z->state = P_FREE;
 }
 
+/*
+ * A census of a dying process's ptes: the A and D bits the CPU (or a shadow MMU on its behalf)
+ * set must be the same whatever runs underneath, so they are counted and printed at the end.
+ */
+static void census(uintptr_t va, pte_t *e, void *arg)
+{
+    (void)va, (void)arg;
+    pte_t v = pte_get(e);
+    count.ptes_at_exit++;
+    count.accessed_at_exit += (v & PTE_A) != 0;
+    count.dirty_at_exit += (v & PTE_D) != 0;
+}
+
 static void do_exit(struct proc *p, int status)
 {
     int me = (int)(p - procs);
+    if (p->pgd)
+        pte_foreach(p->pgd, census, 0);
     drop_mm(p);
     for (int i = 0; i < NPROC; i++)  /* orphans: nobody will wait for them */
         if (procs[i].state != P_FREE && procs[i].parent == me) {
@@ -488,6 +504,8 @@ static void finish(void)
             "forks=%lu execs=%lu exits=%lu killed=%lu syscalls=%lu\n",
             count.demand, count.cow_copy + count.cow_reuse, count.cow_copy, count.cow_reuse,
             pt_pages_allocated, count.forks, count.execs, count.exits, count.killed, count.syscalls);
+    kprintf("mm: at exit: ptes=%lu accessed=%lu dirty=%lu\n", count.ptes_at_exit, count.accessed_at_exit,
+            count.dirty_at_exit);
     if (frames_free != frames_at_start) {
         kprintf("mm: error: %ld frames leaked\n", (long)(frames_at_start - frames_free));
         kexit(1);
