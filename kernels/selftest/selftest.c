@@ -290,16 +290,16 @@ static const char *vec_name(unsigned v)
 static void msg_result(void)
 {
     if (res.vec == NOFAULT) {
-        msgf("no fault (value %llx)", (unsigned long long)res.val);
+        msgf("no fault (value 0x%llx)", (unsigned long long)res.val);
         return;
     }
     msgf("%s", vec_name(res.vec));
     if (res.vec != 14 && res.vec != 13 && res.vec != 6 && res.vec != 8)
         msgf(" %u", res.vec);
-    msgf(" err=%llx", (unsigned long long)res.err);
+    msgf(" err=0x%llx", (unsigned long long)res.err);
     if (res.vec == 14)
-        msgf(" cr2=%llx", (unsigned long long)res.cr2);
-    msgf(" rip=%llx", (unsigned long long)res.ip);
+        msgf(" cr2=0x%llx", (unsigned long long)res.cr2);
+    msgf(" rip=0x%llx", (unsigned long long)res.ip);
 }
 
 static const char *ring_name(int ring) { return ring == U ? "user" : "kernel"; }
@@ -321,10 +321,10 @@ static int expect_pf2(int ring, int op, uintptr_t addr, uintptr_t val, uintptr_t
     if (res.vec == 14 && res.err == err && res.cr2 == addr && (!ip || res.ip == ip))
         return 1;
     if (fail_begin()) {
-        msgf("expected #PF err=%x cr2=%llx", err, (unsigned long long)addr);
+        msgf("expected #PF err=0x%x cr2=0x%llx", err, (unsigned long long)addr);
         if (ip)
-            msgf(" rip=%llx", (unsigned long long)ip);
-        msgf(" on %s %s of %llx, got ", ring_name(ring), op_name[op], (unsigned long long)addr);
+            msgf(" rip=0x%llx", (unsigned long long)ip);
+        msgf(" on %s %s of 0x%llx, got ", ring_name(ring), op_name[op], (unsigned long long)addr);
         msg_result();
     }
     return 0;
@@ -342,8 +342,8 @@ static int expect_ok2(int ring, int op, uintptr_t addr, uintptr_t val, uintptr_t
     if (fail_begin()) {
         msgf("expected no fault");
         if (reads)
-            msgf(" (value %llx)", (unsigned long long)want);
-        msgf(" on %s %s of %llx, got ", ring_name(ring), op_name[op], (unsigned long long)addr);
+            msgf(" (value 0x%llx)", (unsigned long long)want);
+        msgf(" on %s %s of 0x%llx, got ", ring_name(ring), op_name[op], (unsigned long long)addr);
         msg_result();
     }
     return 0;
@@ -358,7 +358,7 @@ static int expect_eq(const char *what, uint64_t got, uint64_t want)
     if (got == want)
         return 1;
     if (fail_begin())
-        msgf("expected %s = %llx, got %llx", what, (unsigned long long)want, (unsigned long long)got);
+        msgf("expected %s = 0x%llx, got 0x%llx", what, (unsigned long long)want, (unsigned long long)got);
     return 0;
 }
 
@@ -1656,13 +1656,47 @@ static void spaces_init(void)
     load_cr3(root_a);
 }
 
+/*
+ * The command line's words select cases (for debugging one): a word is a name prefix to run, or
+ * "no-prefix" to leave out; with no word to run, every case runs.  E.g. "seed_" or "no-pku_".
+ */
+#define MAX_ARGS 16
+static const char *argv_[MAX_ARGS];
+static int argc_;
+static char argbuf[BOOT_CMDLINE_MAX];
+
+static int prefix(const char *p, const char *s)
+{
+    while (*p)
+        if (*p++ != *s++)
+            return 0;
+    return 1;
+}
+
+static int selected(const char *name)
+{
+    int any_include = 0, included = 0;
+    for (int i = 0; i < argc_; i++) {
+        if (prefix("no-", argv_[i])) {
+            if (prefix(argv_[i] + 3, name))
+                return 0;
+        } else {
+            any_include = 1;
+            included |= prefix(argv_[i], name);
+        }
+    }
+    return !any_include || included;
+}
+
 static void selftest_main(void)
 {
+    argc_ = cmdline_args(boot_info.cmdline, argv_, MAX_ARGS, argbuf, sizeof(argbuf));
     cpu_features();
     spaces_init();
     base_state();
     for (unsigned i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
-        run(cases[i].name, cases[i].fn);
+        if (selected(cases[i].name))
+            run(cases[i].name, cases[i].fn);
     kprintf("selftest: %u passed, %u failed\n", n_pass, n_fail);
     kexit(n_fail ? 1 : 0);
 }
