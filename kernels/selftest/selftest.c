@@ -1395,6 +1395,79 @@ static void c_user_pt_write(void)
     T(expect_read(U, at, (uintptr_t)v));
 }
 
+/* ---- one page table under two PDEs with different rights: each path keeps its own rights
+ *      (SDM 4.6.1: rights are per translation, the AND along its own walk).  A shadow MMU that
+ *      shares one shadow table between both paths gets this wrong (KVM: the page role's access
+ *      bits; CVE-2021-38198 was this with the pte-write path). */
+static uintptr_t shared_pt(pte_t pde2_flags, uintptr_t *va2, uintptr_t *f)
+{
+    uintptr_t va1 = slot2();
+    *va2 = slot2();
+    *f = frame_new();
+    pte_t *e = map(va1, *f, P | RW | US);   /* va1's PDE: P|RW|US */
+    uintptr_t pt = (uintptr_t)e & ~(uintptr_t)(PAGE_SIZE - 1);
+    pte_set(pde_a(*va2), (pte_t)pt | pde2_flags);
+    return va1;
+}
+
+static void c_shared_pt_user(void)
+{
+    uintptr_t va2, f, va1 = shared_pt(P | RW, &va2, &f);
+    T(expect_read(U, va1, magic(f)));
+    T(expect_pf(U, OP_READ, va2, E_U | E_P));
+    T(expect_read(K, va2, magic(f)));
+    T(expect_read(U, va1, magic(f)));
+}
+
+static void c_shared_pt_user_rev(void)
+{
+    /* the restricted path first */
+    uintptr_t va2, f, va1 = shared_pt(P | RW, &va2, &f);
+    T(expect_read(K, va2, magic(f)));
+    T(expect_read(U, va1, magic(f)));
+    T(expect_pf(U, OP_READ, va2, E_U | E_P));
+}
+
+static void c_shared_pt_write(void)
+{
+    uintptr_t va2, f, va1 = shared_pt(P | US, &va2, &f);
+    T(expect_write(U, va1 + 8, 10));
+    T(expect_pf(U, OP_WRITE, va2 + 8, E_U | E_W | E_P));
+    T(expect_read(U, va2 + 8, 10));
+    T(expect_write(U, va1 + 8, 11));
+}
+
+static void c_shared_pt_update(void)
+{
+    /* both paths in use, then a pte written whole with A=1 and used through the restricted path */
+    uintptr_t va2, f, va1 = shared_pt(P | RW, &va2, &f);
+    T(expect_read(U, va1, magic(f)));
+    T(expect_read(K, va2, magic(f)));
+    uintptr_t f1 = frame_new();
+    pte_store_whole(pte_a(va1 + PAGE_SIZE), (pte_t)f1 | P | RW | US | A | D);
+    T(expect_pf(U, OP_READ, va2 + PAGE_SIZE, E_U | E_P));
+    T(expect_read(U, va1 + PAGE_SIZE, magic(f1)));
+}
+
+#if !defined(FMT_32)
+static void c_rsvd_prefetch(void)
+{
+    /*
+     * A present, accessed neighbour with a reserved bit: an MMU that maps neighbours ahead of use
+     * (prefetch) must not map this one; its first use faults RSVD|P.
+     */
+    uintptr_t va = slot2();
+    uintptr_t f0 = frame_new(), f1 = frame_new();
+    map(va, f0, P | RW | US | A | D);
+    map(va + PAGE_SIZE, f1, P | RW | US | A | D | ((pte_t)1 << 50));
+    T(expect_read(U, va, magic(f0)));
+    T(expect_pf(U, OP_READ, va + PAGE_SIZE, E_RSVD | E_U | E_P));
+    T(expect_pf(K, OP_READ, va + PAGE_SIZE, E_RSVD | E_P));
+}
+#else
+static void c_rsvd_prefetch(void) { skip(); }
+#endif
+
 /* ---- misaligned pte writes (PAE, 64): one store across two 8-byte entries */
 #if !defined(FMT_32)
 /* pte[i] maps f0 and is in use, pte[i+1] is not present; returns the entry pointer */
@@ -1598,9 +1671,10 @@ static const struct tcase cases[] = {
     C(big_read_write), C(big_user), C(big_two_maps), C(big_wp0_dirty), C(big_rsvd),
     C(huge_read_write), C(huge_rsvd),
     C(rsvd_bit51), C(rsvd_bit40), C(rsvd_pde), C(rsvd_not_present), C(rsvd_ps_pml4e),
-    C(rsvd_xd_nxe0),
+    C(rsvd_xd_nxe0), C(rsvd_prefetch),
     C(ad_read), C(ad_write), C(ad_read_then_write), C(ad_clear), C(ad_fault_leaves),
-    C(selfmap_read), C(selfmap_write), C(user_pt_write), C(pte_straddle4), C(pte_straddle8),
+    C(selfmap_read), C(selfmap_write), C(user_pt_write),
+    C(shared_pt_user), C(shared_pt_user_rev), C(shared_pt_write), C(shared_pt_update), C(pte_straddle4), C(pte_straddle8),
     C(invlpg_remap), C(invlpg_unmap), C(invlpg_rights), C(cr3_switch),
     C(seed_update_rights), C(seed_update_rights_pte), C(seed_update_rights_w),
     C(seed_update_rights_nx), C(seed_update_dirty), C(seed_update_accessed),
