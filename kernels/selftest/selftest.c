@@ -22,12 +22,20 @@
  *   pae  PDPT[2] (0x80000000..0xbfffffff) test slots of 2 MiB, its PD[511] maps that PD itself
  *   64   PML4[1] test slots of 2 MiB (and of 1 GiB above the first GiB), PML4[2..7] slots of
  *        512 GiB, PML4[8] maps the PML4 itself
+ *   la57 (64 with 5-level paging) the same one level up: PML5[1] holds the 2 MiB, 1 GiB and
+ *        512 GiB slots, PML5[2..7] slots of 256 TiB, PML5[8] maps the PML5 itself
  * Every case takes fresh slots, so its entries at every level are its own.
  */
 #include "kern.h"
 
 /* ------------------------------------------------------------------ format */
-#if defined(FMT_64)
+#if defined(FMT_64) && defined(LA57)
+#define NLEV 5
+#define REGION ((uintptr_t)1 << 48)
+#define SPAN2 ((uintptr_t)2 << 20)
+#define MAX_SLOT2 500
+#define SELF_IDX 8
+#elif defined(FMT_64)
 #define NLEV 4
 #define REGION ((uintptr_t)1 << 39)
 #define SPAN2 ((uintptr_t)2 << 20)
@@ -485,6 +493,21 @@ static uintptr_t slot3(void)
         kpanic("selftest: out of 3-level slots");
     return REGION + ((uintptr_t)(++n_slot3) << 30);   /* the first GiB holds the 2-level slots */
 }
+#if defined(LA57)
+static unsigned n_slot5;
+static uintptr_t slot4(void)
+{
+    if (n_slot4 >= 500)
+        kpanic("selftest: out of 4-level slots");
+    return REGION + ((uintptr_t)(++n_slot4) << 39);   /* the first 512 GiB hold the others */
+}
+static uintptr_t slot5(void)
+{
+    if (n_slot5 >= 6)
+        kpanic("selftest: out of 5-level slots");
+    return (uintptr_t)(2 + n_slot5++) << 48;
+}
+#else
 static uintptr_t slot4(void)
 {
     if (n_slot4 >= 6)
@@ -492,11 +515,14 @@ static uintptr_t slot4(void)
     return (uintptr_t)(2 + n_slot4++) << 39;
 }
 #endif
+#endif
 
 /* the self-map: the address through which the CPU shows the entry that maps x */
 static uintptr_t selfmap(uintptr_t x)
 {
-#if defined(FMT_64)
+#if defined(FMT_64) && defined(LA57)
+    return ((uintptr_t)SELF_IDX << 48) + (((x >> 12) & ((1ull << 45) - 1)) << 3);
+#elif defined(FMT_64)
     return ((uintptr_t)SELF_IDX << 39) + (((x >> 12) & ((1ull << 36) - 1)) << 3);
 #elif defined(FMT_PAE)
     return 0xBFE00000u + (((x >> 12) & 0x3ffffu) << 3);   /* only for x in PDPT[2]'s GiB */
@@ -650,6 +676,30 @@ static void c_np_pml4e(void)
 #endif
 }
 
+static void c_np_pml5e(void)
+{
+#if defined(LA57)
+    uintptr_t va = slot5();
+    T(expect_pf(U, OP_WRITE, va, E_U | E_W));
+#else
+    skip();                          /* 5-level paging only */
+#endif
+}
+
+static void c_la57_active(void)
+{
+#if defined(LA57)
+    /* the boot code set CR4.LA57 before paging: linear addresses are 57 bits, 2^56 is canonical */
+    T(expect_eq("CR4.LA57", read_cr4() >> 12 & 1, 1));
+    uintptr_t va = (uintptr_t)0xff << 48;    /* PML5 index 255: bit 55, below the sign bit 56 */
+    uintptr_t f = frame_new();
+    map(va, f, P | RW | US);
+    T(expect_read(U, va, magic(f)));
+#else
+    skip();
+#endif
+}
+
 /* ---- U/S (SDM 4.6.1: a user-mode access needs U/S=1 at every level) */
 static void c_user_read_sup(void)
 {
@@ -703,6 +753,18 @@ static void c_user_read_sup_pml4e(void)
 #if defined(FMT_64)
     uintptr_t va = slot4();
     set_upper(va, 4, P | RW);
+    map(va, frame_new(), P | RW | US);
+    T(expect_pf(U, OP_READ, va, E_U | E_P));
+#else
+    skip();
+#endif
+}
+
+static void c_user_read_sup_pml5e(void)
+{
+#if defined(LA57)
+    uintptr_t va = slot5();
+    set_upper(va, 5, P | RW);
     map(va, frame_new(), P | RW | US);
     T(expect_pf(U, OP_READ, va, E_U | E_P));
 #else
@@ -1174,10 +1236,10 @@ static void c_big_wp0_dirty(void)
 static void c_big_rsvd(void)
 {
 #if defined(FMT_32)
-    /* 4 MiB PDE with PSE-36: bits 20:13 are address bits 39:32, bit 21 is reserved (SDM table 4-4, M=40) */
+    /* 4 MiB PDE with PSE-36: bits 20:13 are address bits 39:32, bit 21 is reserved (SDM 4.3, the 32-bit PDE that maps a 4-MByte page; M=40) */
     pte_t bit = (pte_t)1 << 21;
 #else
-    /* 2 MiB PDE: bits 20:13 are reserved (SDM tables 4-9 and 4-17) */
+    /* 2 MiB PDE: bits 20:13 are reserved (SDM 4.4.2 and 4.5.4, the PDE that maps a 2-MByte page) */
     pte_t bit = (pte_t)1 << 13;
 #endif
     uintptr_t va;
@@ -1210,7 +1272,7 @@ static void c_huge_read_write(void)
 static void c_huge_rsvd(void)
 {
 #if defined(FMT_64)
-    /* 1 GiB PDPTE: bits 29:13 are reserved (SDM table 4-16) */
+    /* 1 GiB PDPTE: bits 29:13 are reserved (SDM 4.5.4, the PDPTE that maps a 1-GByte page) */
     NEED(has_1g);
     uintptr_t va = slot3();
     pte_set(ent(root_a, va, 3), ((pte_t)1 << 20) | PS | P | RW);
@@ -1260,7 +1322,7 @@ static void c_rsvd_not_present(void)
 static void c_rsvd_ps_pml4e(void)
 {
 #if defined(FMT_64)
-    /* PS (bit 7) of a PML4E is reserved (SDM table 4-14) */
+    /* PS (bit 7) of a PML4E is reserved (SDM 4.5.4, the PML4E format) */
     uintptr_t va = slot4();
     map(va, frame_new(), P | RW);
     pte_t *e = ent(root_a, va, 4);
@@ -1270,12 +1332,27 @@ static void c_rsvd_ps_pml4e(void)
     skip();                          /* PAE: QEMU reports PDPTE reserved bits as #PF, the SDM as #GP at CR3 load */
 #endif
 }
+
+static void c_rsvd_ps_pml5e(void)
+{
+#if defined(LA57)
+    /* PS (bit 7) of a PML5E is reserved too (SDM 4.5.4, the PML5E format) */
+    uintptr_t va = slot5();
+    map(va, frame_new(), P | RW);
+    pte_t *e = ent(root_a, va, 5);
+    pte_set(e, pte_get(e) | PS);
+    T(expect_pf(K, OP_READ, va, E_RSVD | E_P));
+#else
+    skip();
+#endif
+}
 #else
 static void c_rsvd_bit51(void) { skip(); }
 static void c_rsvd_bit40(void) { skip(); }
 static void c_rsvd_pde(void) { skip(); }
 static void c_rsvd_not_present(void) { skip(); }
 static void c_rsvd_ps_pml4e(void) { skip(); }
+static void c_rsvd_ps_pml5e(void) { skip(); }
 #endif
 
 /* ---- accessed and dirty flags as the guest sees them (SDM 4.8) */
@@ -1293,6 +1370,9 @@ static void c_ad_read(void)
 #if defined(FMT_64)
     T(expect_eq("PDPTE A after a read", pte_get(ent(root_a, va, 3)) & A, A));
     T(expect_eq("PML4E A after a read", pte_get(ent(root_a, va, 4)) & A, A));
+#endif
+#if defined(LA57)
+    T(expect_eq("PML5E A after a read", pte_get(ent(root_a, va, 5)) & A, A));
 #endif
 }
 
@@ -1656,9 +1736,9 @@ struct tcase {
 #define C(n) { #n, c_##n }
 static const struct tcase cases[] = {
     C(np_read), C(np_write), C(np_fetch), C(np_read_user), C(np_write_user), C(np_fetch_user),
-    C(np_pde), C(np_pdpte), C(np_pml4e),
+    C(la57_active), C(np_pde), C(np_pdpte), C(np_pml4e), C(np_pml5e),
     C(user_read_sup), C(user_write_sup), C(user_fetch_sup), C(user_read_sup_pde),
-    C(user_read_sup_pdpte), C(user_read_sup_pml4e), C(user_read_user), C(sup_read_user),
+    C(user_read_sup_pdpte), C(user_read_sup_pml4e), C(user_read_sup_pml5e), C(user_read_user), C(sup_read_user),
     C(user_write_ro), C(user_write_ro_pde), C(user_write_ro_pdpte), C(sup_write_ro_wp1),
     C(sup_write_ro_pde_wp1), C(sup_write_ro_wp0), C(user_write_ro_wp0), C(wp_toggle),
     C(nx_fetch), C(nx_fetch_pde), C(nx_fetch_user), C(nx_read), C(x_fetch), C(x_fetch_user),
@@ -1670,7 +1750,7 @@ static const struct tcase cases[] = {
     C(pku_sup_page), C(pku_sup_access),
     C(big_read_write), C(big_user), C(big_two_maps), C(big_wp0_dirty), C(big_rsvd),
     C(huge_read_write), C(huge_rsvd),
-    C(rsvd_bit51), C(rsvd_bit40), C(rsvd_pde), C(rsvd_not_present), C(rsvd_ps_pml4e),
+    C(rsvd_bit51), C(rsvd_bit40), C(rsvd_pde), C(rsvd_not_present), C(rsvd_ps_pml4e), C(rsvd_ps_pml5e),
     C(rsvd_xd_nxe0), C(rsvd_prefetch),
     C(ad_read), C(ad_write), C(ad_read_then_write), C(ad_clear), C(ad_fault_leaves),
     C(selfmap_read), C(selfmap_write), C(user_pt_write),
