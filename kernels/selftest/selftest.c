@@ -1633,6 +1633,169 @@ static void c_invlpg_rights(void)
     T(expect_read(K, va + 8, 7));
 }
 
+/* ---- warm translations: an allowed access first, so that the translation exists (in the TLB,
+ *      or as a shadow pte the hardware checks by itself), then the forbidden one on the same
+ *      page.  The rights must be the same as on a first access. */
+static void c_warm_user_read_sup(void)
+{
+    uintptr_t va = slot2();
+    uintptr_t f = frame_new();
+    map(va, f, P | RW);
+    T(expect_read(K, va, magic(f)));
+    T(expect_pf(U, OP_READ, va, E_U | E_P));
+}
+
+static void c_warm_user_read_sup_pde(void)
+{
+    uintptr_t va = slot2();
+    uintptr_t f = frame_new();
+    set_upper(va, 2, P | RW);
+    map(va, f, P | RW | US);
+    T(expect_write(K, va, 1));
+    T(expect_pf(U, OP_READ, va, E_U | E_P));
+}
+
+static void c_warm_user_write_ro(void)
+{
+    uintptr_t va = slot2();
+    uintptr_t f = frame_new();
+    map(va, f, P | US | A | D);      /* D=1: nothing for a write to set, the R/W bit alone decides */
+    T(expect_read(U, va, magic(f)));
+    T(expect_pf(U, OP_WRITE, va, E_U | E_W | E_P));
+}
+
+static void c_warm_user_write_ro_pde(void)
+{
+    uintptr_t va = slot2();
+    uintptr_t f = frame_new();
+    set_upper(va, 2, P | US);
+    map(va, f, P | RW | US | A | D);
+    T(expect_read(U, va, magic(f)));
+    T(expect_pf(U, OP_WRITE, va + 8, E_U | E_W | E_P));
+    T(expect_pf(K, OP_WRITE, va + 8, E_W | E_P));   /* WP=1: refused to CPL 0 as well */
+}
+
+static void c_warm_sup_write_ro(void)
+{
+    uintptr_t va = slot2();
+    uintptr_t f = frame_new();
+    map(va, f, P | A | D);
+    T(expect_read(K, va, magic(f)));
+    T(expect_pf(K, OP_WRITE, va, E_W | E_P));
+}
+
+static void c_warm_fetch_user_sup(void)
+{
+    uintptr_t va = slot2();
+    uintptr_t f = frame_new();
+    map(va, f, P | RW);
+    T(expect_fetch(K, va + CODE_OFF));
+    T(expect_pf(U, OP_FETCH, va + CODE_OFF, E_U | E_P | id_fetch()));
+}
+
+#if !defined(FMT_32)
+static void c_warm_nx_fetch(void)
+{
+    NEED(has_nx);
+    uintptr_t va = slot2();
+    uintptr_t f = frame_new();
+    map(va, f, P | RW | US | XD);
+    T(expect_read(K, va, magic(f)));
+    T(expect_pf(K, OP_FETCH, va + CODE_OFF, E_ID | E_P));
+    T(expect_read(U, va, magic(f)));
+    T(expect_pf(U, OP_FETCH, va + CODE_OFF, E_ID | E_U | E_P));
+}
+
+static void c_warm_nx_fetch_pde(void)
+{
+    NEED(has_nx);
+    uintptr_t va = slot2();
+    uintptr_t f = frame_new();
+    set_upper(va, 2, P | RW | US | XD);
+    map(va, f, P | RW);
+    T(expect_read(K, va, magic(f)));
+    T(expect_pf(K, OP_FETCH, va + CODE_OFF, E_ID | E_P));
+}
+#else
+static void c_warm_nx_fetch(void) { skip(); }
+static void c_warm_nx_fetch_pde(void) { skip(); }
+#endif
+
+static void c_warm_smep(void)
+{
+    /* fetched with SMEP off, then SMEP on (a CR4 write): the same translation now faults */
+    NEED(has_smep);
+    uintptr_t va = slot2();
+    uintptr_t f = frame_new();
+    map(va, f, P | RW | US);
+    T(expect_fetch(K, va + CODE_OFF));
+    set_cr4(CR4_SMEP, 1);
+    T(expect_read(K, va, magic(f)));
+    T(expect_pf(K, OP_FETCH, va + CODE_OFF, E_ID | E_P));
+    set_cr4(CR4_SMEP, 0);
+    T(expect_fetch(K, va + CODE_OFF));
+}
+
+static void c_warm_smap(void)
+{
+    /* read with SMAP off, then SMAP on: the same translation now faults without AC */
+    NEED(has_smap);
+    uintptr_t va = slot2();
+    uintptr_t f = frame_new();
+    map(va, f, P | RW | US);
+    T(expect_read(K, va, magic(f)));
+    set_cr4(CR4_SMAP, 1);
+    T(expect_pf(K, OP_READ, va, E_P));
+    probe_ac = 1;
+    T(expect_write(K, va + 8, 1));
+    T(expect_pf(K, OP_WRITE, va + 8, E_W | E_P));
+}
+
+/* ---- a CR3 load as the invalidation (SDM 4.10.4.1): a pte changed while its page table is in
+ *      use, then CR3 reloaded with the same value instead of invlpg.  A shadow MMU keeps its
+ *      tables across such a reload, so it must have seen the pte write (write protection). */
+static void c_cr3_reload_remap(void)
+{
+    uintptr_t va = slot2();
+    uintptr_t f0 = frame_new(), f1 = frame_new();
+    pte_t *e = map(va, f0, P | RW | US);
+    T(expect_read(U, va, magic(f0)));
+    pte_set(e, (pte_t)f1 | P | RW | US);
+    load_cr3(root_a);
+    T(expect_read(U, va, magic(f1)));
+}
+
+static void c_cr3_reload_rights(void)
+{
+    uintptr_t va = slot2();
+    uintptr_t f = frame_new();
+    pte_t *e = map(va, f, P | RW | US);
+    T(expect_write(U, va + 8, 1));
+    pte_set(e, (pte_t)f | P | US | A | D);        /* read-only */
+    load_cr3(root_a);
+    T(expect_pf(U, OP_WRITE, va + 8, E_U | E_W | E_P));
+    pte_set(e, (pte_t)f | P | RW | A | D);        /* supervisor */
+    load_cr3(root_a);
+    T(expect_pf(U, OP_READ, va + 8, E_U | E_P));
+    pte_set(e, 0);                                /* gone */
+    load_cr3(root_a);
+    T(expect_pf(K, OP_READ, va + 8, 0));
+}
+
+static void c_cr3_reload_pde(void)
+{
+    /* the same one level up: the PDE changed to a supervisor-only one */
+    uintptr_t va = slot2();
+    uintptr_t f = frame_new();
+    map(va, f, P | RW | US);
+    T(expect_read(U, va, magic(f)));
+    pte_t *pde = pde_a(va);
+    pte_set(pde, (pte_get(pde) & AMASK) | P | RW);
+    load_cr3(root_a);
+    T(expect_pf(U, OP_READ, va, E_U | E_P));
+    T(expect_read(K, va, magic(f)));
+}
+
 /* ---- two address spaces (SDM 4.10.4.1: a CR3 load invalidates the non-global translations) */
 static void c_cr3_switch(void)
 {
@@ -1755,7 +1918,11 @@ static const struct tcase cases[] = {
     C(ad_read), C(ad_write), C(ad_read_then_write), C(ad_clear), C(ad_fault_leaves),
     C(selfmap_read), C(selfmap_write), C(user_pt_write),
     C(shared_pt_user), C(shared_pt_user_rev), C(shared_pt_write), C(shared_pt_update), C(pte_straddle4), C(pte_straddle8),
-    C(invlpg_remap), C(invlpg_unmap), C(invlpg_rights), C(cr3_switch),
+    C(warm_user_read_sup), C(warm_user_read_sup_pde), C(warm_user_write_ro),
+    C(warm_user_write_ro_pde), C(warm_sup_write_ro), C(warm_fetch_user_sup), C(warm_nx_fetch),
+    C(warm_nx_fetch_pde), C(warm_smep), C(warm_smap),
+    C(invlpg_remap), C(invlpg_unmap), C(invlpg_rights),
+    C(cr3_reload_remap), C(cr3_reload_rights), C(cr3_reload_pde), C(cr3_switch),
     C(seed_update_rights), C(seed_update_rights_pte), C(seed_update_rights_w),
     C(seed_update_rights_nx), C(seed_update_dirty), C(seed_update_accessed),
 };
