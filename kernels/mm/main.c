@@ -44,6 +44,7 @@ enum { VMA_TEXT, VMA_DATA, VMA_HEAP, VMA_STACK, VMA_FIRST_MMAP };
 
 static struct proc procs[NPROC];
 static int cur = -1;                 /* the running process's slot */
+static int first_pid, first_status = -1;  /* the process kmain started: its status is the run's */
 static int next_pid = 1;
 
 static struct {
@@ -318,6 +319,8 @@ static void do_exit(struct proc *p, int status)
                 reap(&procs[i]);
         }
     count.exits++;
+    if (p->pid == first_pid)
+        first_status = status;
     struct proc *par = p->parent >= 0 ? &procs[p->parent] : 0;
     if (!par) {
         reap(p);
@@ -506,11 +509,16 @@ static void finish(void)
             pt_pages_allocated, count.forks, count.execs, count.exits, count.killed, count.syscalls);
     kprintf("mm: at exit: ptes=%lu accessed=%lu dirty=%lu\n", count.ptes_at_exit, count.accessed_at_exit,
             count.dirty_at_exit);
+    int ok = 1;
+    if (first_status != 0) {
+        kprintf("mm: error: the first process exited with status %d\n", first_status);
+        ok = 0;
+    }
     if (frames_free != frames_at_start) {
         kprintf("mm: error: %ld frames leaked\n", (long)(frames_at_start - frames_free));
-        kexit(1);
+        ok = 0;
     }
-    kexit(0);
+    kexit(ok ? 0 : 1);
 }
 
 void kmain(struct boot_info *bi)
@@ -541,6 +549,10 @@ void kmain(struct boot_info *bi)
     }
     if (argc < 2)
         n = cmds[which].dflt;
+    if (cmds[which].prog == PROG_DEMAND && n < 1) {
+        kprintf("mm: demand: N must be at least 1, got %d\n", n);
+        kexit(1);
+    }
     if (cmds[which].prog == PROG_MAKE && n > 255) {
         kprintf("mm: kbuild: N must be at most 255, got %d\n", n);
         kexit(1);
@@ -552,6 +564,7 @@ void kmain(struct boot_info *bi)
     if (do_exec(&procs[i], cmds[which].prog, n))
         kpanic("cannot start %s: out of memory", prog_names[cmds[which].prog]);
     procs[i].state = P_RUNNABLE;
+    first_pid = procs[i].pid;
     cur = i;
     switch_mm(procs[i].pgd);
     trap_return(&procs[i].tf);
