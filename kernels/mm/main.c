@@ -151,16 +151,10 @@ static int alloc_proc(void)
     return -1;
 }
 
-/*
- * CR3 as this kernel last loaded it: reading CR3 back would cost an exit under a shadow MMU.
- * Loading CR3 also flushes the TLB's non-global entries, which fork relies on.
- */
-static pgd_t live_pgd;
-
+/* load an address space; a CR3 load also flushes the TLB (no global pages here), which fork relies on */
 static void switch_mm(pgd_t pgd)
 {
     load_cr3(pgd);
-    live_pgd = pgd;
 }
 
 /* the address space's root is freed only once no CPU register points to it */
@@ -168,7 +162,7 @@ static void drop_mm(struct proc *p)
 {
     if (!p->pgd)
         return;
-    if (live_pgd == p->pgd)
+    if (cr3_loaded == p->pgd)
         switch_mm(kernel_pgd);
     pgd_free(p->pgd);
     p->pgd = 0;
@@ -493,7 +487,7 @@ void ktrap(struct trapframe *tf)
              tf, tf->ip);
     }
     struct proc *n = &procs[cur];    /* cur may have changed: resume whoever runs now */
-    if (live_pgd != n->pgd)          /* a switch, or exec's new address space */
+    if (cr3_loaded != n->pgd)          /* a switch, or exec's new address space */
         switch_mm(n->pgd);
     *tf = n->tf;
 }
