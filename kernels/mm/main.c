@@ -55,7 +55,7 @@ static struct {
 extern const uint8_t user_image[], user_image_end[];
 static const struct uhdr *uhdr;
 
-static const char *const prog_names[NPROGS] = { "demand", "forkwait", "kbuild", "sh", "cc", "ld", "faults" };
+static const char *const prog_names[NPROGS] = { "demand", "forkwait", "kbuild", "sh", "cc", "ld", "faults", "fork", "memtouch" };
 
 /* ------------------------------------------------------------------ areas */
 static struct vma *find_vma(struct proc *p, uintptr_t va)
@@ -384,6 +384,34 @@ static long do_mmap(struct proc *p, long npages)
     return (long)a;
 }
 
+/* unmap [addr, addr + npages pages) when it lies in one mmap area: the area shrinks, is split or goes */
+static long do_munmap(struct proc *p, uintptr_t addr, long npages)
+{
+    uintptr_t len = (uintptr_t)npages << PAGE_SHIFT, end = addr + len;
+    if (npages <= 0 || addr & (PAGE_SIZE - 1) || end < addr)
+        return -1;
+    for (int i = VMA_FIRST_MMAP; i < p->nvma; i++) {
+        struct vma *v = &p->vma[i];
+        if (addr < v->start || end > v->end)
+            continue;
+        if (addr > v->start && end < v->end) {           /* the middle: split in two */
+            if (p->nvma == NVMA)
+                return -1;
+            p->vma[p->nvma++] = (struct vma){ end, v->end, v->flags };
+            v->end = addr;
+        } else if (addr > v->start) {
+            v->end = addr;
+        } else if (end < v->end) {
+            v->start = end;
+        } else {
+            *v = p->vma[--p->nvma];                      /* the whole area: its slot goes */
+        }
+        unmap_range(p, addr, end);
+        return 0;
+    }
+    return -1;
+}
+
 /* copy the user's bytes to the serial port through the identity map, faulting pages in as needed */
 static long do_write(struct proc *p, uintptr_t buf, long len)
 {
@@ -453,6 +481,9 @@ static void syscall(struct proc *p)
     case SYS_GETPID:
         r = p->pid;
         break;
+    case SYS_MUNMAP:
+        r = do_munmap(p, a0, (long)a1);
+        break;
     case SYS_YIELD:
         TF_RET(tf) = 0;
         schedule();
@@ -519,7 +550,7 @@ void kmain(struct boot_info *bi)
 {
     static const struct { const char *name; int prog, dflt; } cmds[] = {
         { "demand", PROG_DEMAND, 200 }, { "forkwait", PROG_FORKWAIT, 50 }, { "kbuild", PROG_MAKE, 4 },
-        { "faults", PROG_FAULTS, 0 },
+        { "faults", PROG_FAULTS, 0 }, { "fork", PROG_FORK, 50 }, { "memtouch", PROG_MEMTOUCH, 20 },
     };
     const char *argv[4];
     char buf[BOOT_CMDLINE_MAX];
@@ -533,7 +564,7 @@ void kmain(struct boot_info *bi)
         if (!strcmp(argv[0], cmds[i].name))
             which = (int)i;
     if (which < 0) {
-        kprintf("mm: usage: demand [N] | forkwait [N] | kbuild [N] | faults (got '%s')\n", argc ? argv[0] : "");
+        kprintf("mm: usage: demand [N] | forkwait [N] | kbuild [N] | fork [N] | memtouch [N] | faults (got '%s')\n", argc ? argv[0] : "");
         kexit(1);
     }
     int n = katoi(argc > 1 ? argv[1] : 0, -1);
