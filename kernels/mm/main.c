@@ -44,6 +44,7 @@ enum { VMA_TEXT, VMA_DATA, VMA_HEAP, VMA_STACK, VMA_FIRST_MMAP };
 
 static struct proc procs[NPROC];
 static int cur = -1;                 /* the running process's slot */
+static int first_pid, first_status = -1;  /* the process kmain started: its status is the run's */
 static int next_pid = 1;
 
 static struct {
@@ -54,7 +55,7 @@ static struct {
 extern const uint8_t user_image[], user_image_end[];
 static const struct uhdr *uhdr;
 
-static const char *const prog_names[NPROGS] = { "demand", "forkwait", "kbuild", "sh", "cc", "ld", "faults" };
+static const char *const prog_names[NPROGS] = { "demand", "forkwait", "kbuild", "sh", "cc", "ld", "faults", "fork", "memtouch" };
 
 /* ------------------------------------------------------------------ areas */
 static struct vma *find_vma(struct proc *p, uintptr_t va)
@@ -150,16 +151,10 @@ static int alloc_proc(void)
     return -1;
 }
 
-/*
- * CR3 as this kernel last loaded it: reading CR3 back would cost an exit under a shadow MMU.
- * Loading CR3 also flushes the TLB's non-global entries, which fork relies on.
- */
-static pgd_t live_pgd;
-
+/* load an address space; a CR3 load also flushes the TLB (no global pages here), which fork relies on */
 static void switch_mm(pgd_t pgd)
 {
     load_cr3(pgd);
-    live_pgd = pgd;
 }
 
 /* the address space's root is freed only once no CPU register points to it */
@@ -167,7 +162,7 @@ static void drop_mm(struct proc *p)
 {
     if (!p->pgd)
         return;
-    if (live_pgd == p->pgd)
+    if (cr3_loaded == p->pgd)
         switch_mm(kernel_pgd);
     pgd_free(p->pgd);
     p->pgd = 0;
@@ -318,6 +313,8 @@ static void do_exit(struct proc *p, int status)
                 reap(&procs[i]);
         }
     count.exits++;
+    if (p->pid == first_pid)
+        first_status = status;
     struct proc *par = p->parent >= 0 ? &procs[p->parent] : 0;
     if (!par) {
         reap(p);
@@ -385,6 +382,34 @@ static long do_mmap(struct proc *p, long npages)
         return -1;
     p->mmap_next = a + len;
     return (long)a;
+}
+
+/* unmap [addr, addr + npages pages) when it lies in one mmap area: the area shrinks, is split or goes */
+static long do_munmap(struct proc *p, uintptr_t addr, long npages)
+{
+    uintptr_t len = (uintptr_t)npages << PAGE_SHIFT, end = addr + len;
+    if (npages <= 0 || addr & (PAGE_SIZE - 1) || end < addr)
+        return -1;
+    for (int i = VMA_FIRST_MMAP; i < p->nvma; i++) {
+        struct vma *v = &p->vma[i];
+        if (addr < v->start || end > v->end)
+            continue;
+        if (addr > v->start && end < v->end) {           /* the middle: split in two */
+            if (p->nvma == NVMA)
+                return -1;
+            p->vma[p->nvma++] = (struct vma){ end, v->end, v->flags };
+            v->end = addr;
+        } else if (addr > v->start) {
+            v->end = addr;
+        } else if (end < v->end) {
+            v->start = end;
+        } else {
+            *v = p->vma[--p->nvma];                      /* the whole area: its slot goes */
+        }
+        unmap_range(p, addr, end);
+        return 0;
+    }
+    return -1;
 }
 
 /* copy the user's bytes to the serial port through the identity map, faulting pages in as needed */
@@ -456,6 +481,9 @@ static void syscall(struct proc *p)
     case SYS_GETPID:
         r = p->pid;
         break;
+    case SYS_MUNMAP:
+        r = do_munmap(p, a0, (long)a1);
+        break;
     case SYS_YIELD:
         TF_RET(tf) = 0;
         schedule();
@@ -490,7 +518,7 @@ void ktrap(struct trapframe *tf)
              tf, tf->ip);
     }
     struct proc *n = &procs[cur];    /* cur may have changed: resume whoever runs now */
-    if (live_pgd != n->pgd)          /* a switch, or exec's new address space */
+    if (cr3_loaded != n->pgd)          /* a switch, or exec's new address space */
         switch_mm(n->pgd);
     *tf = n->tf;
 }
@@ -506,18 +534,23 @@ static void finish(void)
             pt_pages_allocated, count.forks, count.execs, count.exits, count.killed, count.syscalls);
     kprintf("mm: at exit: ptes=%lu accessed=%lu dirty=%lu\n", count.ptes_at_exit, count.accessed_at_exit,
             count.dirty_at_exit);
+    int ok = 1;
+    if (first_status != 0) {
+        kprintf("mm: error: the first process exited with status %d\n", first_status);
+        ok = 0;
+    }
     if (frames_free != frames_at_start) {
         kprintf("mm: error: %ld frames leaked\n", (long)(frames_at_start - frames_free));
-        kexit(1);
+        ok = 0;
     }
-    kexit(0);
+    kexit(ok ? 0 : 1);
 }
 
 void kmain(struct boot_info *bi)
 {
     static const struct { const char *name; int prog, dflt; } cmds[] = {
         { "demand", PROG_DEMAND, 200 }, { "forkwait", PROG_FORKWAIT, 50 }, { "kbuild", PROG_MAKE, 4 },
-        { "faults", PROG_FAULTS, 0 },
+        { "faults", PROG_FAULTS, 0 }, { "fork", PROG_FORK, 50 }, { "memtouch", PROG_MEMTOUCH, 20 },
     };
     const char *argv[4];
     char buf[BOOT_CMDLINE_MAX];
@@ -531,7 +564,7 @@ void kmain(struct boot_info *bi)
         if (!strcmp(argv[0], cmds[i].name))
             which = (int)i;
     if (which < 0) {
-        kprintf("mm: usage: demand [N] | forkwait [N] | kbuild [N] | faults (got '%s')\n", argc ? argv[0] : "");
+        kprintf("mm: usage: demand [N] | forkwait [N] | kbuild [N] | fork [N] | memtouch [N] | faults (got '%s')\n", argc ? argv[0] : "");
         kexit(1);
     }
     int n = katoi(argc > 1 ? argv[1] : 0, -1);
@@ -541,6 +574,10 @@ void kmain(struct boot_info *bi)
     }
     if (argc < 2)
         n = cmds[which].dflt;
+    if (cmds[which].prog == PROG_DEMAND && n < 1) {
+        kprintf("mm: demand: N must be at least 1, got %d\n", n);
+        kexit(1);
+    }
     if (cmds[which].prog == PROG_MAKE && n > 255) {
         kprintf("mm: kbuild: N must be at most 255, got %d\n", n);
         kexit(1);
@@ -552,6 +589,7 @@ void kmain(struct boot_info *bi)
     if (do_exec(&procs[i], cmds[which].prog, n))
         kpanic("cannot start %s: out of memory", prog_names[cmds[which].prog]);
     procs[i].state = P_RUNNABLE;
+    first_pid = procs[i].pid;
     cur = i;
     switch_mm(procs[i].pgd);
     trap_return(&procs[i].tf);

@@ -17,7 +17,8 @@
 #define SYS_WRITE  6     /* write(buf, len)                   len written to the serial port, -1 */
 #define SYS_GETPID 7     /* getpid() */
 #define SYS_YIELD  8     /* yield()                           let the next runnable process run */
-#define NSYSCALLS  9
+#define SYS_MUNMAP 9     /* munmap(addr, npages)              0, or -1 unless the range is in one mmap area */
+#define NSYSCALLS  10
 
 /* programs of the user image, by id (exec's first argument); the names are the command line's */
 #define PROG_DEMAND   0
@@ -27,7 +28,9 @@
 #define PROG_CC       4
 #define PROG_LD       5
 #define PROG_FAULTS   6  /* children that each do one forbidden thing and get killed */
-#define NPROGS        7
+#define PROG_FORK     7  /* lmbench lat_proc fork: fork, the child exits at once, wait */
+#define PROG_MEMTOUCH 8  /* 4 workers x N cycles of mmap / touch / read back / munmap / yield */
+#define NPROGS        9
 
 /* user address space (kern.h: user space is [1 GiB, 2 GiB)) */
 #define U_IMAGE     0x40000000u   /* text, rodata, then data and bss from the next page */

@@ -237,6 +237,72 @@ static void ld(unsigned long arg)
     u_exit(0);
 }
 
+/* -------------------------------------------------------------------- fork */
+static void fork_loop(unsigned n)
+{
+    uintptr_t heap = grow_heap(16);
+    if (!heap)
+        fail("fork", "brk");
+    fill(heap, 16, 8, 7);
+    unsigned lost = 0, total = 0;
+    for (unsigned i = 0; i < n; i++) {
+        long pid = u_fork();
+        if (pid < 0)
+            fail("fork", "fork");
+        if (pid == 0)
+            u_exit((int)(i & 0x7f));                    /* at once: only fork's own cost */
+        int st;
+        lost += u_wait(&st) != pid;
+        total += (unsigned)st;
+    }
+    unsigned bad = check(heap, 16, 8, 7);
+    uprintf("fork: forks=%u status_sum=%u heap_bad=%u lost=%u\n", n, total, bad, lost);
+    u_exit(bad || lost);
+}
+
+/* ---------------------------------------------------------------- memtouch */
+#define MEMTOUCH_WORKERS 4
+
+static __attribute__((noreturn)) void memtouch_worker(unsigned w, unsigned cycles)
+{
+    uint32_t s = 0;
+    unsigned bad = 0;
+    for (unsigned c = 0; c < cycles; c++) {
+        unsigned np = 8 + (w * 7 + c * 5) % 24;
+        uintptr_t a = u_mmap(np);
+        if (a == (uintptr_t)-1)
+            fail("memtouch", "mmap");
+        uint32_t tag = w << 16 | c;
+        fill(a, np, 16, tag);
+        bad += check(a, np, 16, tag);
+        s = mix(s ^ sum(a, np, 16));
+        if (u_munmap(a, np))                             /* present ptes go: invlpg each */
+            fail("memtouch", "munmap");
+        u_yield();                                       /* the workers' cycles interleave */
+    }
+    uprintf("memtouch: worker=%u cycles=%u sum=%08x bad=%u\n", w, cycles, s, bad);
+    u_exit(bad != 0);
+}
+
+static void memtouch(unsigned cycles)
+{
+    long pids[MEMTOUCH_WORKERS];
+    for (unsigned w = 0; w < MEMTOUCH_WORKERS; w++) {
+        pids[w] = u_fork();
+        if (pids[w] < 0)
+            fail("memtouch", "fork");
+        if (pids[w] == 0)
+            memtouch_worker(w, cycles);
+    }
+    unsigned failed = 0;
+    for (unsigned w = 0; w < MEMTOUCH_WORKERS; w++) {
+        int st;
+        failed += u_wait(&st) < 0 || st != 0;
+    }
+    uprintf("memtouch: workers=%u failed=%u\n", MEMTOUCH_WORKERS, failed);
+    u_exit(failed != 0);
+}
+
 /* ------------------------------------------------------------------ faults */
 #define NFAULTS 6
 
@@ -285,6 +351,8 @@ __attribute__((noreturn)) void umain(long prog, long arg)
     case PROG_CC: cc((unsigned)arg); break;
     case PROG_LD: ld((unsigned long)arg); break;
     case PROG_FAULTS: faults(); break;
+    case PROG_FORK: fork_loop((unsigned)arg); break;
+    case PROG_MEMTOUCH: memtouch((unsigned)arg); break;
     }
     uprintf("umain: no program %ld\n", prog);
     u_exit(126);

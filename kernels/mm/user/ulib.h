@@ -38,6 +38,7 @@ static inline uintptr_t u_mmap(long npages) { return (uintptr_t)sys3(SYS_MMAP, n
 static inline long u_write(const void *buf, long len) { return sys3(SYS_WRITE, (long)buf, len, 0, 0); }
 static inline long u_getpid(void) { return sys3(SYS_GETPID, 0, 0, 0, 0); }
 static inline void u_yield(void) { sys3(SYS_YIELD, 0, 0, 0, 0); }
+static inline long u_munmap(uintptr_t addr, long npages) { return sys3(SYS_MUNMAP, (long)addr, npages, 0, 0); }
 
 void uprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void vformat(void (*out)(char, void *), void *arg, const char *fmt, va_list ap);   /* lib/format.c */
