@@ -546,34 +546,46 @@ static unsigned id_fetch(void)
 }
 
 /* ------------------------------------------------------------------ state around each case */
+/*
+ * CR0, CR4 and EFER as this kernel last wrote them: reading them back is an exit under a shadow
+ * MMU, and only this kernel changes them.  Read once at start (state_init).
+ */
+static uintptr_t cr0_now, cr4_now;
+static uint64_t efer_now;
+
+static void state_init(void)
+{
+    cr0_now = read_cr0();
+    cr4_now = read_cr4();
+    efer_now = rdmsr(MSR_EFER);
+}
+
 static void set_cr0_wp(int on)
 {
-    uintptr_t cr0 = read_cr0();
-    if (!!(cr0 & CR0_WP) != on)
-        write_cr0(on ? cr0 | CR0_WP : cr0 & ~(uintptr_t)CR0_WP);
+    uintptr_t n = on ? cr0_now | CR0_WP : cr0_now & ~(uintptr_t)CR0_WP;
+    if (n != cr0_now)
+        write_cr0(cr0_now = n);
 }
 
 static void set_cr4(uintptr_t bits, int on)
 {
-    uintptr_t cr4 = read_cr4();
-    uintptr_t n = on ? cr4 | bits : cr4 & ~bits;
-    if (n != cr4)
-        write_cr4(n);
+    uintptr_t n = on ? cr4_now | bits : cr4_now & ~bits;
+    if (n != cr4_now)
+        write_cr4(cr4_now = n);
 }
 
 static void set_nxe(int on)
 {
-    uint64_t efer = rdmsr(MSR_EFER);
-    uint64_t n = on ? efer | EFER_NXE : efer & ~(uint64_t)EFER_NXE;
-    if (n != efer)
-        wrmsr(MSR_EFER, n);
+    uint64_t n = on ? efer_now | EFER_NXE : efer_now & ~(uint64_t)EFER_NXE;
+    if (n != efer_now)
+        wrmsr(MSR_EFER, efer_now = n);
 }
 
 /* the state every case starts from: WP=1, no SMEP/SMAP/PKE, NXE as the CPU allows, CR3 = A */
 static void base_state(void)
 {
 #if defined(FMT_64)
-    if (read_cr4() & CR4_PKE) {
+    if (cr4_now & CR4_PKE) {
         wrpkru(0);
         set_cr4(CR4_PKE, 0);
     }
@@ -581,7 +593,7 @@ static void base_state(void)
     set_cr4(CR4_SMEP | CR4_SMAP, 0);
     set_cr0_wp(1);
     set_nxe(has_nx);
-    if (read_cr3() != root_a)
+    if (cr3_loaded != root_a)
         load_cr3(root_a);
 }
 
@@ -690,7 +702,7 @@ static void c_la57_active(void)
 {
 #if defined(LA57)
     /* the boot code set CR4.LA57 before paging: linear addresses are 57 bits, 2^56 is canonical */
-    T(expect_eq("CR4.LA57", read_cr4() >> 12 & 1, 1));
+    T(expect_eq("CR4.LA57", read_cr4() >> 12 & 1, 1));     /* read from the CPU, not cr4_now */
     uintptr_t va = (uintptr_t)0xff << 48;    /* PML5 index 255: bit 55, below the sign bit 56 */
     uintptr_t f = frame_new();
     map(va, f, P | RW | US);
@@ -2013,6 +2025,7 @@ static void selftest_main(void)
 {
     argc_ = cmdline_args(boot_info.cmdline, argv_, MAX_ARGS, argbuf, sizeof(argbuf));
     cpu_features();
+    state_init();
     spaces_init();
     base_state();
     for (unsigned i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
