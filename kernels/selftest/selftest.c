@@ -73,6 +73,7 @@
 #define CR0_WP (1u << 16)
 #define CR4_PSE (1u << 4)
 #define CR4_PAE (1u << 5)
+#define CR4_PGE (1u << 7)
 #define CR4_SMEP (1u << 20)
 #define CR4_SMAP (1u << 21)
 #define CR4_PKE (1u << 22)
@@ -140,7 +141,7 @@ static void wrpkru(uint32_t v)       /* needs CR4.PKE = 1 (else #UD) */
 }
 #endif
 
-static int has_nx, has_smep, has_smap, has_1g;
+static int has_nx, has_smep, has_smap, has_1g, has_pge;
 #if defined(FMT_64)
 static int has_pku;
 #endif
@@ -590,7 +591,7 @@ static void base_state(void)
         set_cr4(CR4_PKE, 0);
     }
 #endif
-    set_cr4(CR4_SMEP | CR4_SMAP, 0);
+    set_cr4(CR4_SMEP | CR4_SMAP | CR4_PGE, 0);
     set_cr0_wp(1);
     set_nxe(has_nx);
     if (cr3_loaded != root_a)
@@ -1645,6 +1646,54 @@ static void c_invlpg_rights(void)
     T(expect_read(K, va + 8, 7));
 }
 
+static void c_invlpg_big(void)
+{
+    /*
+     * A large-page PDE moved from the large frame that holds bigvar to the last large frame of
+     * RAM, then invlpg: the next read sees the new frame.  The word used there lies in a frame the
+     * allocator has not handed out (checked), so writing it disturbs nothing.
+     */
+    uintptr_t va;
+    pte_t *e = big_map(P | RW, &va);
+    bigvar = 0x0b16f00du;
+    T(expect_read(K, va, 0x0b16f00du));
+    uintptr_t other = ((uintptr_t)boot_info.ram_top - BIG) & ~(BIG - 1);
+    uintptr_t off = (uintptr_t)&bigvar & (BIG - 1);
+    NEED(other > (uintptr_t)&bigvar && !frame_refs(PAGE_ALIGN_DOWN(other + off)));
+    *(volatile uintptr_t *)(other + off) = 0x0b16abcdu;
+    remap(e, va - off, (pte_t)other | PS | P | RW);
+    T(expect_read(K, va, 0x0b16abcdu));
+    T(expect_read(K, va - off, *(volatile uintptr_t *)other));
+}
+
+/* ---- global pages (SDM 4.10.2.4, 4.10.4.1): with CR4.PGE=1 a CR3 load may keep a G=1
+ *      translation, but invlpg removes it, and so does any change of CR4.PGE */
+static void c_global_invlpg(void)
+{
+    NEED(has_pge);
+    uintptr_t va = slot2();
+    uintptr_t f0 = frame_new(), f1 = frame_new();
+    set_cr4(CR4_PGE, 1);
+    pte_t *e = map(va, f0, P | RW | PTE_G);
+    T(expect_read(K, va, magic(f0)));
+    remap(e, va, (pte_t)f1 | P | RW | PTE_G);
+    T(expect_read(K, va, magic(f1)));
+}
+
+static void c_global_pge_flush(void)
+{
+    NEED(has_pge);
+    uintptr_t va = slot2();
+    uintptr_t f0 = frame_new(), f1 = frame_new();
+    set_cr4(CR4_PGE, 1);
+    pte_t *e = map(va, f0, P | RW | US | PTE_G);
+    T(expect_read(U, va, magic(f0)));
+    pte_set(e, (pte_t)f1 | P | RW | PTE_G);        /* another frame, supervisor-only */
+    set_cr4(CR4_PGE, 0);                           /* flushes every translation, global ones too */
+    T(expect_pf(U, OP_READ, va, E_U | E_P));
+    T(expect_read(K, va, magic(f1)));
+}
+
 /* ---- warm translations: an allowed access first, so that the translation exists (in the TLB,
  *      or as a shadow pte the hardware checks by itself), then the forbidden one on the same
  *      page.  The rights must be the same as on a first access. */
@@ -1933,7 +1982,8 @@ static const struct tcase cases[] = {
     C(warm_user_read_sup), C(warm_user_read_sup_pde), C(warm_user_write_ro),
     C(warm_user_write_ro_pde), C(warm_sup_write_ro), C(warm_fetch_user_sup), C(warm_nx_fetch),
     C(warm_nx_fetch_pde), C(warm_smep), C(warm_smap),
-    C(invlpg_remap), C(invlpg_unmap), C(invlpg_rights),
+    C(invlpg_remap), C(invlpg_unmap), C(invlpg_rights), C(invlpg_big), C(global_invlpg),
+    C(global_pge_flush),
     C(cr3_reload_remap), C(cr3_reload_rights), C(cr3_reload_pde), C(cr3_switch),
     C(seed_update_rights), C(seed_update_rights_pte), C(seed_update_rights_w),
     C(seed_update_rights_nx), C(seed_update_dirty), C(seed_update_accessed),
@@ -1952,6 +2002,8 @@ static void cpu_features(void)
         has_pku = r[2] >> 3 & 1;     /* protection keys exist in IA-32e mode only */
 #endif
     }
+    cpuid(1, 0, r);
+    has_pge = r[3] >> 13 & 1;
     cpuid(0x80000000u, 0, r);
     if (r[0] >= 0x80000001u) {
         cpuid(0x80000001u, 0, r);
