@@ -1152,6 +1152,22 @@ static void c_pku_sup_page(void)
     T(expect_pf(U, OP_READ, va, E_U | E_P));
 }
 
+static void c_pku_with_rw(void)
+{
+    /*
+     * SDM 4.7: PK is reported whenever the key forbids the data access, also when R/W forbids it
+     * too: a user write to a read-only page with WD (or AD) set reports PK|W|U|P.
+     */
+    NEED(has_pku);
+    uintptr_t f, va = pku_page(P | US, &f);
+    wrpkru(WD(5));
+    T(expect_pf(U, OP_WRITE, va, E_PK | E_U | E_W | E_P));
+    wrpkru(AD(5));
+    T(expect_pf(U, OP_WRITE, va, E_PK | E_U | E_W | E_P));
+    wrpkru(0);
+    T(expect_pf(U, OP_WRITE, va, E_U | E_W | E_P));
+}
+
 static void c_pku_sup_access(void)
 {
     /* supervisor data accesses to user-mode addresses obey PKRU too (SMAP off) */
@@ -1173,6 +1189,7 @@ static void c_pku_ad_fetch_user(void) { skip(); }
 static void c_pku_other_key(void) { skip(); }
 static void c_pku_sup_page(void) { skip(); }
 static void c_pku_sup_access(void) { skip(); }
+static void c_pku_with_rw(void) { skip(); }
 #endif
 
 /* ---- large pages: 4 MiB (32-bit, CR4.PSE), 2 MiB (PAE, 4-level), 1 GiB (4-level) */
@@ -1971,7 +1988,7 @@ static const struct tcase cases[] = {
     C(smap_read), C(smap_write), C(smap_read_ac), C(smap_write_ac), C(smap_sup_page),
     C(smap_user_and_fetch),
     C(pku_ad_read_user), C(pku_wd_write_user), C(pku_ad_fetch_user), C(pku_other_key),
-    C(pku_sup_page), C(pku_sup_access),
+    C(pku_sup_page), C(pku_sup_access), C(pku_with_rw),
     C(big_read_write), C(big_user), C(big_two_maps), C(big_wp0_dirty), C(big_rsvd),
     C(huge_read_write), C(huge_rsvd),
     C(rsvd_bit51), C(rsvd_bit40), C(rsvd_pde), C(rsvd_not_present), C(rsvd_ps_pml4e), C(rsvd_ps_pml5e),
