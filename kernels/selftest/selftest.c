@@ -1631,6 +1631,36 @@ static void c_pte_straddle4(void) { skip(); }
 static void c_pte_straddle8(void) { skip(); }
 #endif
 
+static void c_pte_straddle_cr3(void)
+{
+    /*
+     * Both ptes present and in use; one store across them leaves pte[i] as it is and makes
+     * pte[i+1] read-only (32-bit: 4 bytes at pte+2; PAE/64: 8 bytes at pte+4).  The invalidation
+     * is a CR3 reload, which a shadow MMU does not see as a change of pte[i+1]: it must have
+     * handled the straddling store as a write to both entries.
+     */
+    uintptr_t va = slot2();
+    uintptr_t f0 = frame_new(), f1 = frame_new();
+    pte_t *e = map(va, f0, P | RW | US | A | D);
+    map(va + PAGE_SIZE, f1, P | RW | US | A | D);
+    T(expect_read(U, va, magic(f0)));
+    T(expect_write(U, va + PAGE_SIZE + 8, 12));
+    pte_t old0 = pte_get(e), new1 = (pte_t)f1 | P | US | A | D;
+#if defined(FMT_32)
+    uint32_t w = (uint32_t)(old0 >> 16) | (uint32_t)(new1 << 16);
+    T(expect_ok2(K, OP_WRITE32, (uintptr_t)e + 2, w, 0, 0));
+#else
+    uint64_t v = (old0 >> 32) | ((uint64_t)(uint32_t)new1 << 32);
+    T(expect_ok2(K, OP_WRITE64, (uintptr_t)e + 4, (uintptr_t)v, (uintptr_t)(v >> 32), 0));
+#endif
+    T(expect_eq("pte[i] after the straddling store", pte_get(e), old0));
+    T(expect_eq("pte[i+1] after the straddling store", pte_get(e + 1), new1));
+    load_cr3(root_a);
+    T(expect_pf(U, OP_WRITE, va + PAGE_SIZE + 8, E_U | E_W | E_P));
+    T(expect_read(U, va + PAGE_SIZE + 8, 12));
+    T(expect_write(U, va + 8, 13));
+}
+
 /* ---- INVLPG (SDM 4.10.4.1) */
 static void c_invlpg_remap(void)
 {
@@ -1910,7 +1940,10 @@ static void seed_case(pte_t pde_flags, pte_t pte_flags, int ring, int op, unsign
     /* one whole-pte store (A set, so an update-on-write MMU installs it), then the access */
     pte_store_whole(pte_a(va + PAGE_SIZE), (pte_t)f1 | pte_flags);
     T(expect_pf(ring, op, va + PAGE_SIZE + (op == OP_FETCH ? CODE_OFF : 0), err));
-    T(expect_read(K, va + PAGE_SIZE, magic(f1)));
+    if (err & E_RSVD)
+        T(expect_pf(U, OP_READ, va + PAGE_SIZE, E_RSVD | E_U | E_P));
+    else
+        T(expect_read(K, va + PAGE_SIZE, magic(f1)));   /* the page itself is fine for CPL 0 */
 }
 
 static void c_seed_update_rights(void)
@@ -1941,6 +1974,45 @@ static void c_seed_update_rights_nx(void)
     skip();
 #endif
 }
+
+static void c_seed_update_rsvd(void)
+{
+#if !defined(FMT_32)
+    /* a pte written whole with A=1 and a reserved address bit: its first use faults RSVD|P */
+    seed_case(P | RW | US, P | RW | US | A | D | ((pte_t)1 << 47), K, OP_READ, E_RSVD | E_P);
+#else
+    skip();
+#endif
+}
+
+#if !defined(FMT_32)
+static void c_seed_update_rsvd_xd(void)
+{
+    /* with EFER.NXE=0 bit 63 is reserved: the same, with a reserved bit that is not an address bit */
+    NEED(has_nx);
+    set_nxe(0);
+    seed_case(P | RW | US, P | RW | US | A | D | XD, K, OP_READ, E_RSVD | E_P);
+}
+
+static void c_seed_update_halves(void)
+{
+    /*
+     * The pte written by the library's pte_set: on PAE two 4-byte stores, high half (XD) first,
+     * then the low half (P, A); whole on pae-pte64 and 64.  The new pte is not executable.
+     */
+    NEED(has_nx);
+    uintptr_t va = slot2();
+    uintptr_t f0 = frame_new(), f1 = frame_new();
+    map(va, f0, P | RW | US | A | D);
+    T(expect_read(K, va, magic(f0)));
+    pte_set(pte_a(va + PAGE_SIZE), (pte_t)f1 | P | RW | A | D | XD);
+    T(expect_pf(K, OP_FETCH, va + PAGE_SIZE + CODE_OFF, E_ID | E_P));
+    T(expect_read(K, va + PAGE_SIZE, magic(f1)));
+}
+#else
+static void c_seed_update_rsvd_xd(void) { skip(); }
+static void c_seed_update_halves(void) { skip(); }
+#endif
 
 static void c_seed_update_dirty(void)
 {
@@ -1998,6 +2070,7 @@ static const struct tcase cases[] = {
     C(ad_read), C(ad_write), C(ad_read_then_write), C(ad_clear), C(ad_fault_leaves),
     C(selfmap_read), C(selfmap_write), C(user_pt_write),
     C(shared_pt_user), C(shared_pt_user_rev), C(shared_pt_write), C(shared_pt_update), C(pte_straddle4), C(pte_straddle8),
+    C(pte_straddle_cr3),
     C(warm_user_read_sup), C(warm_user_read_sup_pde), C(warm_user_write_ro),
     C(warm_user_write_ro_pde), C(warm_sup_write_ro), C(warm_fetch_user_sup), C(warm_nx_fetch),
     C(warm_nx_fetch_pde), C(warm_smep), C(warm_smap),
@@ -2005,7 +2078,8 @@ static const struct tcase cases[] = {
     C(global_pge_flush),
     C(cr3_reload_remap), C(cr3_reload_rights), C(cr3_reload_pde), C(cr3_switch),
     C(seed_update_rights), C(seed_update_rights_pte), C(seed_update_rights_w),
-    C(seed_update_rights_nx), C(seed_update_dirty), C(seed_update_accessed),
+    C(seed_update_rights_nx), C(seed_update_rsvd), C(seed_update_rsvd_xd), C(seed_update_halves),
+    C(seed_update_dirty), C(seed_update_accessed),
 };
 
 static void cpu_features(void)
