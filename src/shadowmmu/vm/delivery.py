@@ -21,7 +21,8 @@ from typing import Protocol
 from ..x86.faults import PageFault
 
 # vectors
-DE, DB, NMI, BP, OF, BR, UD, NM, DF, TS, NP, SS_FAULT, GP, PF = range(14)
+DE, DB, NMI, BP, OF, BR, UD, NM, DF = range(9)
+TS, NP, SS_FAULT, GP, PF = range(10, 15)
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
                 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
                 19: "#XM", 20: "#VE", 21: "#CP"}

@@ -96,6 +96,14 @@ class HiddenState:
         self._hflags.value = v
 
     @property
+    def efer(self) -> int:
+        return ctypes.c_uint64.from_address(self.base + OFF_EFER).value
+
+    @efer.setter
+    def efer(self, v: int) -> None:
+        ctypes.c_uint64.from_address(self.base + OFF_EFER).value = v
+
+    @property
     def cpl(self) -> int:
         return self._hflags.value & HF_CPL_MASK
 

@@ -41,7 +41,7 @@ from ..x86.tlb import Tlb
 from ..x86.walker import translate
 from . import delivery
 from .intercepts import Intercepts
-from .qemu_state import CS, DS, ES, FS, GS, OFF_GDT, OFF_IDT, OFF_LDT, OFF_TR, SS, HiddenState, check_layout
+from .qemu_state import CS, DS, ES, FS, GS, HF_CS64, HF_LMA, OFF_GDT, OFF_IDT, OFF_LDT, OFF_TR, SS, HiddenState, check_layout
 from .store_decoder import UnsupportedInstruction, decode, planned_writes
 from .vcpu import VCpu
 
@@ -103,6 +103,7 @@ class RealVCpu(Intercepts, VCpu):
         self.stopping = False
         self.guest_cr2 = 0
         self.stepping = None        # an emulation in progress (see _begin_emulation)
+        self.observer = None        # e.g. analysis.real_fault_meter: before_pf_exit(), deliver()
         check_layout()
         self.uc = uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
         uc.ctl_set_cpu_model(X.UC_CPU_X86_ICELAKE_SERVER)
@@ -272,7 +273,14 @@ class RealVCpu(Intercepts, VCpu):
             uc.msr_write(MSR_EFER, efer)
             uc.reg_write(X.UC_X86_REG_CR3, cr3)
             uc.reg_write(X.UC_X86_REG_CR0, cr0)
-            uc.msr_write(MSR_EFER, efer)
+            if uc.msr_read(MSR_EFER) != efer:
+                # WRMSR cannot change EFER.LMA (it is the CPU's), and unicorn's 64-bit
+                # mode starts with it set: put EFER and hflags.LMA right in the context
+                st = self.st.load()
+                st.efer = efer
+                st.hflags = st.hflags & ~(HF_LMA | HF_CS64) | (HF_LMA if efer & EFER_LMA else 0)
+                st.recompute_segment_hflags()
+                st.store()
             self._programmed = want
             self.tlb.flush_pending = True
         if self.tlb.flush_pending:
@@ -317,6 +325,8 @@ class RealVCpu(Intercepts, VCpu):
 
     def _deliver(self, vector: int, error_code: int | None, *, software: bool = False, cr2: int | None = None):
         self.deliveries[vector] += 1
+        if self.observer is not None:
+            self.observer.deliver(vector, error_code, cr2, self.st.load().cpl)
         if self.trace_limit:
             name = delivery.VECTOR_NAMES.get(vector, f"INT {vector:#x}")
             self._note(f"deliver {name}" + (f" error code {error_code:#x}" if error_code is not None else "")
@@ -341,6 +351,8 @@ class RealVCpu(Intercepts, VCpu):
         if self.stepping is not None and vaddr >> 12 in self.stepping.windows_by_page:
             raise MMUError(f"the emulation window of {vaddr:#x} faults")
         self._sync_guest_flags()
+        if self.observer is not None:
+            self.observer.before_pf_exit(vaddr, self.guest.cpl)
         access = error_code & (PF_W | PF_U | PF_ID)
         events = self.events
         result = self.vm.mmu.page_fault(self, vaddr, access)
