@@ -36,9 +36,10 @@ TF, IF, NT, RF, VM = 1 << 8, 1 << 9, 1 << 14, 1 << 16, 1 << 17
 class TripleFault(Exception):
     """A fault while delivering #DF: the processor shuts down."""
 
-    def __init__(self, first: str, rip: int):
-        super().__init__(f"triple fault: a fault while delivering {first} (RIP {rip:#x}); the CPU shuts down")
-        self.rip = rip
+    def __init__(self, chain: list[str], rip: int):
+        super().__init__(f"triple fault: {chain[0]} at RIP {rip:#x} could not be delivered "
+                         f"({' -> '.join(chain)}); the CPU shuts down")
+        self.chain, self.rip = chain, rip
 
 
 class DeliveryFault(Exception):
@@ -183,9 +184,10 @@ def deliver(cpu: DeliveryCpu, vector: int, error_code: int | None = None, *, sof
     TripleFault."""
     if error_code is None and vector in HAS_ERROR_CODE and not software:
         error_code = 0
-    first = vector
+    rip = cpu.reg("rip")
+    chain = [_name(vector)]
     ext = 0 if software else 1
-    for _ in range(3):
+    while True:
         try:
             if cr2 is not None:
                 cpu.set_cr2(cr2)
@@ -195,13 +197,18 @@ def deliver(cpu: DeliveryCpu, vector: int, error_code: int | None = None, *, sof
             second, second_code, second_cr2 = PF, pf.error_code, pf.address
         except DeliveryFault as f:
             second, second_code, second_cr2 = f.vector, f.error_code, f.cr2
+        chain.append(_name(second))
         if vector == DF:
-            raise TripleFault(VECTOR_NAMES[DF], cpu.reg("rip"))
+            raise TripleFault(chain, rip)
         # SDM table 6-5: contributory after contributory, or #PF/contributory after #PF: #DF
         if (vector in CONTRIBUTORY and second in CONTRIBUTORY) or (vector == PF and (second == PF
                                                                                    or second in CONTRIBUTORY)):
             vector, error_code, cr2 = DF, 0, None
+            chain.append(_name(DF))
         else:
             vector, error_code, cr2 = second, second_code, second_cr2
         software, ext = False, 1
-    raise TripleFault(VECTOR_NAMES.get(first, f"vector {first}"), cpu.reg("rip"))
+
+
+def _name(vector: int) -> str:
+    return VECTOR_NAMES.get(vector, f"vector {vector:#x}")

@@ -457,13 +457,20 @@ class RealVCpu(Intercepts, VCpu):
         self._program_hw()
 
     # --------------------------------------------------------------- port I/O
+    # QEMU's isa-debug-exit ends the process at once; unicorn stops at the end of the
+    # translation block, so the few instructions left in it run: their port
+    # accesses are dropped (a kernel's exit path is an OUT then HLT or a loop).
     def _on_in(self, uc, port, size, _):
+        if self.stopping:
+            return 0xFFFFFFFF
         if not self.native:
             self.events.exits["io"] += 1
         self.io_counts[port] += 1
         return self.devices.ports.read(port, size)
 
     def _on_out(self, uc, port, size, value, _):
+        if self.stopping:
+            return
         if not self.native:
             self.events.exits["io"] += 1
         self.io_counts[port] += 1
