@@ -119,6 +119,7 @@ class Intercepts:
             return          # CPL3: the CPU raises #GP itself (mov CR, invlpg, rdmsr/wrmsr are privileged)
         bitness = 64 if st.hflags & HF_CS64 else 32 if st.hflags & HF_CS32 else 16
         rip = address
+        self._xlat.clear()
         code = self.read_code(st.segment(CS)[1] + rip)
         try:
             insn = decode(code, bitness, rip)

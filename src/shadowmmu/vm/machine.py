@@ -41,6 +41,9 @@ class BootResult:
     seconds: float
     mmu_stats: dict = field(default_factory=dict)
     trace: list[str] = field(default_factory=list)
+    instructions: int | None = None          # guest instructions, when counted
+    exit_seconds: dict = field(default_factory=dict)
+    faults: dict | None = None               # exits per fault (analysis.real_fault_meter), when metered
 
     @property
     def total_exits(self) -> int:
@@ -149,4 +152,5 @@ class Machine:
         return BootResult(mode=vm.policy, serial=bytes(self.devices.serial_output), status=self.devices.exit_status,
                           stop_reason=cpu.stop_reason or "", exits=dict(vm.exits), deliveries=dict(cpu.deliveries),
                           memory_sha256=hashlib.sha256(ram).hexdigest(), seconds=seconds,
-                          mmu_stats=dict(vm.mmu.stats) if vm.mmu else {}, trace=list(cpu.trace))
+                          mmu_stats=dict(vm.mmu.stats) if vm.mmu else {}, trace=list(cpu.trace),
+                          instructions=cpu.instructions, exit_seconds=dict(cpu.exit_seconds))

@@ -25,18 +25,15 @@ QEMU's walker reads next.  Facts this rests on: REFERENCE.md §5-6.
 
 from __future__ import annotations
 
-import threading
+import time
 from collections import Counter
 
 import unicorn as U
 import unicorn.x86_const as X
 
 from ..mmu.mmu import MMUError, PfResult
-from ..x86.bits import (
-    ACC_FETCH, ACC_IMPLICIT, ACC_WRITE, CR0_PG, CR4_LA57, CR4_PAE, EFER_LMA, EFER_LME, EFER_NXE, PF_ID, PF_RSVD,
-    PF_U, PF_W, PTE_A, PTE_D, PTE_P, PTE_U, PTE_W,
-)
-from ..x86.faults import GeneralProtection, PageFault
+from ..x86.bits import ACC_IMPLICIT, ACC_WRITE, EFER_LMA, PF_ID, PF_RSVD, PF_U, PF_W, PTE_A, PTE_D, PTE_P, PTE_U, PTE_W
+from ..x86.faults import PageFault
 from ..x86.tlb import Tlb
 from ..x86.walker import translate
 from . import delivery
@@ -103,7 +100,10 @@ class RealVCpu(Intercepts, VCpu):
         self.stopping = False
         self.guest_cr2 = 0
         self.stepping = None        # an emulation in progress (see _begin_emulation)
+        self._xlat: dict[int, int] = {}
         self.observer = None        # e.g. analysis.real_fault_meter: before_pf_exit(), deliver()
+        self.exit_seconds: Counter = Counter()     # Python time spent in #PF exits, by reason
+        self.instructions = None    # counted only on request (count_instructions): a hook per instruction
         check_layout()
         self.uc = uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64)
         uc.ctl_set_cpu_model(X.UC_CPU_X86_ICELAKE_SERVER)
@@ -209,34 +209,39 @@ class RealVCpu(Intercepts, VCpu):
 
     # ------------------------------------------------- guest linear memory (delivery)
     def _linear_to_gpa(self, vaddr: int, write: bool) -> int:
-        g = self.guest
-        saved = g.cpl
-        g.cpl = 0
-        try:
-            return translate(self.gmem, g, vaddr, ACC_IMPLICIT | (ACC_WRITE if write else 0), record=False).paddr
-        finally:
-            g.cpl = saved
+        """A supervisor implicit access's guest-physical address (raises PageFault).
+        The pages one event delivery touches (IDT, GDT, TSS, stack) are walked once:
+        ``_xlat`` lives for one delivery or one decoded instruction."""
+        key = (vaddr >> 12) << 1 | write
+        gpa = self._xlat.get(key)
+        if gpa is None:
+            g = self.guest
+            saved = g.cpl
+            g.cpl = 0
+            try:
+                gpa = translate(self.gmem, g, vaddr & ~0xFFF, ACC_IMPLICIT | (ACC_WRITE if write else 0),
+                                record=False).paddr
+            finally:
+                g.cpl = saved
+            self._xlat[key] = gpa
+        return gpa | (vaddr & 0xFFF)
 
     def read_linear(self, vaddr: int, size: int) -> int:
-        value = 0
-        for i in range(size):       # byte by byte: a descriptor may straddle a page
-            a = vaddr + i
-            if i == 0 or not a & 0xFFF:
-                gpa = self._linear_to_gpa(a, False)
-            else:
-                gpa += 1
-            value |= self.gmem.read_uint(gpa, 1) << (8 * i)
-        return value
+        first = 4096 - (vaddr & 0xFFF)
+        if first < size:            # a descriptor or a pointer may straddle a page
+            return self.read_linear(vaddr, first) | (self.read_linear(vaddr + first, size - first) << (8 * first))
+        return int.from_bytes(self.gmem.read(self._linear_to_gpa(vaddr, False), size), "little")
 
     def read_code(self, vaddr: int, n: int = 15) -> bytes:
         """Up to ``n`` instruction bytes at vaddr, stopping at a page the guest cannot fetch."""
-        out = bytearray()
-        for i in range(n):
+        first = min(n, 4096 - (vaddr & 0xFFF))
+        code = self.gmem.read(self._linear_to_gpa(vaddr, False), first)
+        if first < n:
             try:
-                out.append(self.read_linear(vaddr + i, 1))
+                code += self.gmem.read(self._linear_to_gpa(vaddr + first, False), n - first)
             except PageFault:
-                break
-        return bytes(out)
+                pass
+        return code
 
     def write_linear(self, vaddr: int, value: int, size: int) -> None:
         first = 4096 - (vaddr & 0xFFF)
@@ -308,9 +313,15 @@ class RealVCpu(Intercepts, VCpu):
             return
         try:
             if intno == 1 and self.stepping is not None and not software:
+                t0 = time.perf_counter()
+                reason = self.stepping.windows[0][6].exit_reason
                 self._finish_emulation()
+                self.exit_seconds[reason] += time.perf_counter() - t0
             elif intno == 14:
-                self._on_page_fault(uc.reg_read(X.UC_X86_REG_CR2), error_code)
+                t0 = time.perf_counter()
+                reason = self._on_page_fault(uc.reg_read(X.UC_X86_REG_CR2), error_code)
+                if reason is not None:
+                    self.exit_seconds[reason] += time.perf_counter() - t0
             else:
                 if self.stepping is not None:
                     self._abort_emulation()
@@ -325,6 +336,7 @@ class RealVCpu(Intercepts, VCpu):
 
     def _deliver(self, vector: int, error_code: int | None, *, software: bool = False, cr2: int | None = None):
         self.deliveries[vector] += 1
+        self._xlat.clear()
         if self.observer is not None:
             self.observer.deliver(vector, error_code, cr2, self.st.load().cpl)
         if self.trace_limit:
@@ -342,10 +354,11 @@ class RealVCpu(Intercepts, VCpu):
             self._stop(str(e))
         return True
 
-    def _on_page_fault(self, vaddr: int, error_code: int) -> None:
+    def _on_page_fault(self, vaddr: int, error_code: int) -> str | None:
+        """A #PF raised by the hardware walk; returns the exit's reason (None natively)."""
         if self.native:
             self._deliver(delivery.PF, error_code, cr2=vaddr)
-            return
+            return None
         if error_code & PF_RSVD:
             raise MMUError(f"the hardware found reserved bits in an spte walking {vaddr:#x}")
         if self.stepping is not None and vaddr >> 12 in self.stepping.windows_by_page:
@@ -363,15 +376,15 @@ class RealVCpu(Intercepts, VCpu):
         if result is PfResult.FIXED:
             self._program_hw()
             self.uc.reg_write(X.UC_X86_REG_CR2, self.guest_cr2)
-            return
-        if result is PfResult.INJECT:
+        elif result is PfResult.INJECT:
             self._program_hw()
             if self.stepping is not None:
                 self._abort_emulation()
             pf = self.mmu_state.fault
             self._deliver(delivery.PF, pf.error_code, cr2=pf.address)
-            return
-        self._begin_emulation(vaddr, access, result)
+        else:
+            self._begin_emulation(vaddr, access, result)
+        return result.exit_reason
 
     # -------------------------------------------------------- emulated accesses
     def _leaf_spte_address(self, vaddr: int) -> int:
@@ -456,6 +469,15 @@ class RealVCpu(Intercepts, VCpu):
                 size -= part
         self._program_hw()
 
+    def count_instructions(self) -> None:
+        """Count every guest instruction from now on (``instructions``): a code hook
+        on every instruction, which makes the guest run an order of magnitude slower."""
+        self.instructions = 0
+
+        def count(uc, address, size, _):
+            self.instructions += 1
+        self.uc.hook_add(U.UC_HOOK_CODE, count)
+
     # --------------------------------------------------------------- port I/O
     # QEMU's isa-debug-exit ends the process at once; unicorn stops at the end of the
     # translation block, so the few instructions left in it run: their port
@@ -498,6 +520,7 @@ class _Emulation:
 
     def plan(self) -> None:
         cpu = self.cpu
+        cpu._xlat.clear()
         rip = cpu.reg("rip")
         st = cpu.st.load()
         cs_base = st.segment(CS)[1]
