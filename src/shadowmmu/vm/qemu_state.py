@@ -31,6 +31,7 @@ OFF_SEGS = 184          # ES, CS, SS, DS, FS, GS: 24 bytes each (selector, base,
 OFF_LDT, OFF_TR, OFF_GDT, OFF_IDT = 328, 352, 376, 400
 OFF_CR = 424            # CR0..CR8, 8 bytes each
 OFF_EFER = 592
+OFF_PKRU = 5304
 OFF_ERROR_CODE = 5384
 OFF_EXCEPTION_IS_INT = 5388
 OFF_OLD_EXCEPTION = 5496
@@ -104,6 +105,11 @@ class HiddenState:
         ctypes.c_uint64.from_address(self.base + OFF_EFER).value = v
 
     @property
+    def pkru(self) -> int:
+        """PKRU (the register API has no name for it in unicorn 2.1.4)."""
+        return ctypes.c_uint32.from_address(self.base + OFF_PKRU).value
+
+    @property
     def cpl(self) -> int:
         return self._hflags.value & HF_CPL_MASK
 
@@ -171,6 +177,8 @@ def check_layout() -> None:
     uc.mem_map(0, 0x2000)
     # mov ax, 0x1234 ; mov ds, ax   (#GP(0x1234): selector & 0xfffc, beyond the GDT limit) ; int 0x21
     uc.mem_write(0x1000, bytes.fromhex("66b83412" "8ed8" "cd21" "f4"))
+    # xor ecx, ecx ; xor edx, edx ; mov eax, 0x5555000c ; wrpkru ; hlt  (CR4.PKE set below)
+    uc.mem_write(0x1100, bytes.fromhex("31c9" "31d2" "b80c005555" "0f01ef" "f4"))
     uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x100, 0x17, 0))
     uc.reg_write(X.UC_X86_REG_EAX, 0x5A5A1234)
     uc.reg_write(X.UC_X86_REG_CR4, 0x200)
@@ -195,6 +203,10 @@ def check_layout() -> None:
         st.store()
         u.emu_stop()
 
+    uc.reg_write(X.UC_X86_REG_CR4, 0x200 | 1 << 22)
+    uc.emu_start(0x1100, 0x1fff, count=4)
+    expect("PKRU", st.load().pkru, 0x5555000C)
+    uc.reg_write(X.UC_X86_REG_CR4, 0x200)
     h = uc.hook_add(uc_mod.UC_HOOK_INTR, on_intr)
     uc.emu_start(0x1000, 0x1fff, count=3)
     uc.emu_start(0x1006, 0x1fff, count=2)

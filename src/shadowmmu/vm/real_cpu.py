@@ -201,10 +201,11 @@ class RealVCpu(Intercepts, VCpu):
     def _sync_guest_flags(self) -> None:
         """CPL, EFLAGS.AC and PKRU, which decide a walk's outcome, into the guest state."""
         g = self.guest
-        g.cpl = self.st.load().cpl
+        st = self.st.load()
+        g.cpl = st.cpl
         g.ac = bool(self.uc.reg_read(X.UC_X86_REG_RFLAGS) & EFLAGS_AC)
         if g.pk_active:
-            g.pkru = self.uc.reg_read(X.UC_X86_REG_PKRU)
+            g.pkru = st.pkru
         self.hw.cpl, self.hw.ac, self.hw.pkru = g.cpl, g.ac, g.pkru
 
     # ------------------------------------------------- guest linear memory (delivery)
