@@ -133,9 +133,12 @@ void trapframe_user(struct trapframe *tf, uintptr_t ip, uintptr_t sp)
 }
 
 /* ------------------------------------------------ the intercepted instructions, one site each */
+pgd_t cr3_loaded;
+
 void load_cr3(pgd_t pgd)
 {
     __asm__ volatile("mov %0, %%cr3" :: "r"(pgd) : "memory");
+    cr3_loaded = pgd;
 }
 
 pgd_t read_cr3(void)

@@ -237,7 +237,8 @@ void pte_foreach(pgd_t pgd, void (*fn)(uintptr_t va, pte_t *pte, void *arg), voi
 static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
 static inline uint8_t inb(uint16_t port) { uint8_t v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 /* these live in paging.c and cpu.c only: the runner finds sensitive instructions in the image */
-void load_cr3(pgd_t pgd);
+void load_cr3(pgd_t pgd);            /* also flushes the TLB's (non-global) entries */
+extern pgd_t cr3_loaded;              /* what load_cr3 last loaded: reading CR3 back costs an exit */
 pgd_t read_cr3(void);
 uintptr_t read_cr2(void);
 void invlpg(uintptr_t va);

@@ -203,7 +203,7 @@ static void free_level(pte_t *t, int l, uint64_t base)
 
 void pgd_free(pgd_t pgd)
 {
-    if (pgd == read_cr3())
+    if (pgd == cr3_loaded)
         kpanic("pgd_free: %lx is the live address space", (unsigned long)pgd);
     free_level((pte_t *)pgd, 0, 0);
     frame_put(pgd);

@@ -44,6 +44,7 @@ enum { VMA_TEXT, VMA_DATA, VMA_HEAP, VMA_STACK, VMA_FIRST_MMAP };
 
 static struct proc procs[NPROC];
 static int cur = -1;                 /* the running process's slot */
+static int first_pid, first_status = -1;  /* the process kmain started: its status is the run's */
 static int next_pid = 1;
 
 static struct {
@@ -150,16 +151,10 @@ static int alloc_proc(void)
     return -1;
 }
 
-/*
- * CR3 as this kernel last loaded it: reading CR3 back would cost an exit under a shadow MMU.
- * Loading CR3 also flushes the TLB's non-global entries, which fork relies on.
- */
-static pgd_t live_pgd;
-
+/* load an address space; a CR3 load also flushes the TLB (no global pages here), which fork relies on */
 static void switch_mm(pgd_t pgd)
 {
     load_cr3(pgd);
-    live_pgd = pgd;
 }
 
 /* the address space's root is freed only once no CPU register points to it */
@@ -167,7 +162,7 @@ static void drop_mm(struct proc *p)
 {
     if (!p->pgd)
         return;
-    if (live_pgd == p->pgd)
+    if (cr3_loaded == p->pgd)
         switch_mm(kernel_pgd);
     pgd_free(p->pgd);
     p->pgd = 0;
@@ -318,6 +313,8 @@ static void do_exit(struct proc *p, int status)
                 reap(&procs[i]);
         }
     count.exits++;
+    if (p->pid == first_pid)
+        first_status = status;
     struct proc *par = p->parent >= 0 ? &procs[p->parent] : 0;
     if (!par) {
         reap(p);
@@ -490,7 +487,7 @@ void ktrap(struct trapframe *tf)
              tf, tf->ip);
     }
     struct proc *n = &procs[cur];    /* cur may have changed: resume whoever runs now */
-    if (live_pgd != n->pgd)          /* a switch, or exec's new address space */
+    if (cr3_loaded != n->pgd)          /* a switch, or exec's new address space */
         switch_mm(n->pgd);
     *tf = n->tf;
 }
@@ -506,11 +503,16 @@ static void finish(void)
             pt_pages_allocated, count.forks, count.execs, count.exits, count.killed, count.syscalls);
     kprintf("mm: at exit: ptes=%lu accessed=%lu dirty=%lu\n", count.ptes_at_exit, count.accessed_at_exit,
             count.dirty_at_exit);
+    int ok = 1;
+    if (first_status != 0) {
+        kprintf("mm: error: the first process exited with status %d\n", first_status);
+        ok = 0;
+    }
     if (frames_free != frames_at_start) {
         kprintf("mm: error: %ld frames leaked\n", (long)(frames_at_start - frames_free));
-        kexit(1);
+        ok = 0;
     }
-    kexit(0);
+    kexit(ok ? 0 : 1);
 }
 
 void kmain(struct boot_info *bi)
@@ -541,6 +543,10 @@ void kmain(struct boot_info *bi)
     }
     if (argc < 2)
         n = cmds[which].dflt;
+    if (cmds[which].prog == PROG_DEMAND && n < 1) {
+        kprintf("mm: demand: N must be at least 1, got %d\n", n);
+        kexit(1);
+    }
     if (cmds[which].prog == PROG_MAKE && n > 255) {
         kprintf("mm: kbuild: N must be at most 255, got %d\n", n);
         kexit(1);
@@ -552,6 +558,7 @@ void kmain(struct boot_info *bi)
     if (do_exec(&procs[i], cmds[which].prog, n))
         kpanic("cannot start %s: out of memory", prog_names[cmds[which].prog]);
     procs[i].state = P_RUNNABLE;
+    first_pid = procs[i].pid;
     cur = i;
     switch_mm(procs[i].pgd);
     trap_return(&procs[i].tf);
