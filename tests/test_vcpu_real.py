@@ -32,10 +32,10 @@ def _shared_build_dir(tmp_path_factory, name: str) -> tuple[Path, object]:
 
 @pytest.fixture(scope="session")
 def kernels(tmp_path_factory) -> Path:
-    """kernels/ built by its Makefile (every format, PAE also with 8-byte pte stores)."""
+    """kernels/ built by its Makefile (every format, PAE also with 8-byte pte stores, and 5-level)."""
     out, lock = _shared_build_dir(tmp_path_factory, "kernels-build")
     try:
-        subprocess.run(["make", "-s", "-C", str(ROOT / "kernels"), f"B={out}", "PTE64=1", "-j2"], check=True,
+        subprocess.run(["make", "-s", "-C", str(ROOT / "kernels"), f"B={out}", "PTE64=1", "LA57=1", "-j2"], check=True,
                        capture_output=True)
     finally:
         lock.close()
@@ -234,3 +234,45 @@ def test_every_kind_of_store_reaches_pte_write_exactly(kernels, fmt, policy):
         log["cmpxchg-fail"][0][1], "little")
     native = boot(image, "native", "stores")
     assert r.serial == native.serial and r.memory_sha256 == native.memory_sha256
+
+
+# --- the self-test kernel: the paging rules checked by real code, exact error codes -------------
+@pytest.mark.parametrize("fmt", ["32", "pae", "pae-pte64", "64", "la57"])
+def test_selftest_kernel_passes_and_is_the_same_guest_in_every_mode(kernels, fmt):
+    image = (kernels / f"selftest-{fmt}.elf").read_bytes()
+    runs = {mode: boot(image, mode, "selftest") for mode in MODES}
+    native = runs["native"]
+    lines = native.serial.decode().splitlines()
+    summary = [ln for ln in lines if ln.startswith("selftest:")]
+    assert native.status == 1 and len(summary) == 1 and summary[0].endswith(" 0 failed"), summary
+    assert not [ln for ln in lines if ln.startswith("FAIL")]
+    assert int(summary[0].split()[1]) >= 55          # cases run, not skipped
+    for mode in ("zap", "update"):
+        assert runs[mode].serial == native.serial, mode
+        assert runs[mode].memory_sha256 == native.memory_sha256, mode
+
+
+SEED_CASES = ("seed_update_rights", "seed_update_rights_w", "shared_pt_update")
+
+
+@pytest.mark.parametrize("fmt", ["32", "64"])
+def test_the_seeds_update_pte_rights_bug_is_visible_to_a_real_guest(kernels, fmt):
+    """A pte written (emulated, then update_pte) while its table is in use, then a ring-3
+    access it forbids: with the seed's rights (the knob) the access goes through."""
+    image = (kernels / f"selftest-{fmt}.elf").read_bytes()
+    fixed = boot(image, "update", "selftest seed shared").serial.decode()
+    # audit=False: the audit would stop the run at the first spte granting more than its gpte
+    buggy = boot(image, "update", "selftest seed shared", seed_access_bug=True, audit=False).serial.decode()
+    for case in SEED_CASES:
+        assert f"PASS {case}" in fixed.splitlines()
+        assert any(ln.startswith(f"FAIL {case}: expected #PF") and "got no fault" in ln
+                   for ln in buggy.splitlines()), case
+    # zap never installs a spte on a pte write: the knob changes nothing there
+    zap = boot(image, "zap", "selftest seed shared", seed_access_bug=True).serial.decode()
+    assert all(f"PASS {case}" in zap.splitlines() for case in SEED_CASES)
+
+
+def test_the_audit_stops_a_real_guest_at_the_seeds_bad_spte(kernels):
+    r = boot((kernels / "selftest-64.elf").read_bytes(), "update", "selftest seed_update_rights",
+             seed_access_bug=True, audit=True)
+    assert r.status is None and r.stop_reason.startswith("AuditError")

@@ -334,6 +334,8 @@ class RealVCpu(Intercepts, VCpu):
             self._stop(str(e))
         except (MMUError, UnsupportedInstruction) as e:
             self._stop(f"{type(e).__name__}: {e}")
+        except Exception as e:       # e.g. an AuditError: stop with the reason, never inside unicorn
+            self._stop(f"{type(e).__name__} at RIP {self.reg('rip'):#x}: {e}")
 
     def _deliver(self, vector: int, error_code: int | None, *, software: bool = False, cr2: int | None = None):
         self.deliveries[vector] += 1
