@@ -1310,6 +1310,9 @@ static void c_huge_rsvd(void)
     uintptr_t va = slot3();
     pte_set(ent(root_a, va, 3), ((pte_t)1 << 20) | PS | P | RW);
     T(expect_pf(K, OP_READ, va + (uintptr_t)&bigvar, E_RSVD | E_P));
+    /* QEMU sets A in a 1 GiB leaf even when it then faults (REFERENCE.md 5), the SDM and a shadow
+     * MMU do not: leave no trace of the entry, so native and shadow runs end with the same memory */
+    pte_set(ent(root_a, va, 3), 0);
 #else
     skip();
 #endif
