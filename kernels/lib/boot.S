@@ -53,11 +53,22 @@ _start:
     cmpl $512, %ecx
     jne 2b
 
+#if defined(LA57)
+    movl $boot_pml4, %eax            /* 5-level: PML5[0] -> the PML4 above */
+    orl $0x3, %eax
+    movl %eax, boot_pml5
+    movl %cr4, %eax                  /* PAE and LA57 before long-mode paging (LA57 is fixed after) */
+    orl $0x1020, %eax
+    movl %eax, %cr4
+    movl $boot_pml5, %eax
+    movl %eax, %cr3
+#else
     movl %cr4, %eax                  /* PAE before long-mode paging */
     orl $0x20, %eax
     movl %eax, %cr4
     movl $boot_pml4, %eax
     movl %eax, %cr3
+#endif
     movl $0xC0000080, %ecx           /* EFER.LME before CR0.PG */
     rdmsr
     orl $0x100, %eax
@@ -99,6 +110,9 @@ boot_gdt_ptr:
     .section .bss
     .balign 4096
 boot_pml4: .skip 4096
+#if defined(LA57)
+boot_pml5: .skip 4096
+#endif
 boot_pdpt: .skip 4096
 boot_pd:   .skip 4096
 #endif

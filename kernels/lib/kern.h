@@ -6,6 +6,7 @@
  *   -DFMT_PAE  PAE paging, 2 MiB pages, 8-byte ptes written as two 4-byte halves
  *              (i386 Linux style) unless -DPTE64, which writes them with one 8-byte store
  *   -DFMT_64   IA-32e (long mode) 4-level paging, 2 MiB pages, 8-byte ptes
+ *              (with -DLA57: 5-level paging, CR4.LA57 set by boot.S before paging is turned on)
  *
  * What the library gives a kernel (see each section below):
  *   boot        multiboot v1 header, entry at 1 MiB, paging on, GDT/TSS/IDT loaded, then
@@ -32,7 +33,11 @@
 #endif
 
 /* ---------------------------------------------------------------- formats */
-#if defined(FMT_64)
+#if defined(FMT_64) && defined(LA57)
+typedef uint64_t pte_t;
+#define PT_LEVELS 5
+#define FMT_NAME "la57"
+#elif defined(FMT_64)
 typedef uint64_t pte_t;
 #define PT_LEVELS 4
 #define FMT_NAME "64"

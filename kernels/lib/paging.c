@@ -9,11 +9,16 @@
  *        PDPT[1] -> the process's page directory, allocated with the root: a PDPTE is loaded at
  *        CR3 load only, so it must never be added to a live root
  *   64   root = PML4; PML4[0] -> the process's PDPT, whose [0] -> the kernel page directory
+ *        (with LA57 the root is a PML5 whose [0] -> the process's PML4, whose [0] -> its PDPT)
  *        (2 MiB pages) and [1] -> the process's page directory
  */
 #include "kern.h"
 
-#if defined(FMT_64)
+#if defined(FMT_64) && defined(LA57)
+static const unsigned lvl_shift[PT_LEVELS] = { 48, 39, 30, 21, 12 };
+static const unsigned lvl_nent[PT_LEVELS] = { 512, 512, 512, 512, 512 };
+#define LARGE_SHIFT 21
+#elif defined(FMT_64)
 static const unsigned lvl_shift[PT_LEVELS] = { 39, 30, 21, 12 };
 static const unsigned lvl_nent[PT_LEVELS] = { 512, 512, 512, 512 };
 #define LARGE_SHIFT 21
@@ -89,7 +94,15 @@ void paging_init(uint64_t ram_top)
     if (!pdpt)
         kpanic("paging_init: no frames");
     ((pte_t *)pdpt)[0] = kernel_pd | PTE_P | PTE_RW;
+#if defined(LA57)
+    uintptr_t pml4 = frame_alloc();  /* 5-level: the root is a PML5, [0] -> this PML4 */
+    if (!pml4)
+        kpanic("paging_init: no frames");
+    ((pte_t *)pml4)[0] = pdpt | PTE_P | PTE_RW;
+    ((pte_t *)kernel_pgd)[0] = pml4 | PTE_P | PTE_RW;
+#else
     ((pte_t *)kernel_pgd)[0] = pdpt | PTE_P | PTE_RW;
+#endif
     load_cr3(kernel_pgd);            /* leaves boot.S's 1 GiB boot map for the map of RAM only */
 #endif
 #endif
@@ -120,7 +133,18 @@ pgd_t pgd_new(void)
         return 0;
     }
     ((pte_t *)pdpt)[0] = kernel_pd | PTE_P | PTE_RW;
+#if defined(LA57)
+    uintptr_t pml4 = table_alloc();  /* the process's PML4 under PML5[0], freed by pgd_free's walk */
+    if (!pml4) {
+        frame_put(pdpt);
+        frame_put(root);
+        return 0;
+    }
+    ((pte_t *)pml4)[0] = pdpt | PTE_P | PTE_RW | PTE_US;
+    r[0] = pml4 | PTE_P | PTE_RW | PTE_US;
+#else
     r[0] = pdpt | PTE_P | PTE_RW | PTE_US;
+#endif
 #endif
     return root;
 }

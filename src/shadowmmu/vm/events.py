@@ -9,13 +9,15 @@ Exit reasons (one count per VM exit):
 - ``emulate``      another access the MMU chose to emulate (CR0.WP=0 write under SMAP)
 - ``cr_access``    a write to CR0/CR3/CR4/EFER
 - ``invlpg``       an intercepted INVLPG (not in the 2007 configuration)
+- ``io``           a port access (the real vCPU's devices)
+- ``msr``          an intercepted RDMSR of EFER, or a CR3 read (the real vCPU)
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-EXIT_REASONS = ("pf_fixed", "pf_injected", "pte_write", "mmio", "emulate", "cr_access", "invlpg")
+EXIT_REASONS = ("pf_fixed", "pf_injected", "pte_write", "mmio", "emulate", "cr_access", "invlpg", "io", "msr")
 
 
 class EventLog:

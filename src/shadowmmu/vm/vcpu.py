@@ -42,6 +42,8 @@ class GuestCrash(RuntimeError):
 
 
 class VCpu:
+    tlb_class = Tlb                      # the real vCPU's stands for QEMU's TLB
+
     def __init__(self, vm, index: int = 0):
         self.vm = vm
         self.index = index
@@ -50,7 +52,7 @@ class VCpu:
         self.host = vm.host
         self.guest = CpuState(maxphyaddr=vm.maxphyaddr)    # the registers the guest sees
         self.hw = self.guest if self.native else CpuState(maxphyaddr=vm.host.maxphyaddr)
-        self.tlb = Tlb()
+        self.tlb = self.tlb_class()
         self.events = vm.events
         self.fault_handler = None
         self.cr2 = 0

@@ -212,6 +212,15 @@ class MappedPhysicalMemory(PhysicalMemory):
         import ctypes           # here, not at import: its objects would slow every GC pass of a walk benchmark
         return ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
 
+    def share(self) -> None:
+        """Another writer maps ``buffer`` and may write any frame at any time (a CPU
+        executing guest code): give every frame its views now, so that reads from
+        Python see what that writer wrote.  Costs three views per frame."""
+        frames, new = self.frames, self._new_frame
+        for pfn in range(self.nr_frames):
+            if pfn not in frames:
+                frames[pfn] = new(pfn)
+
     def _new_frame(self, pfn: int) -> Frame:
         mv = self._view[pfn << PAGE_SHIFT:(pfn + 1) << PAGE_SHIFT]
         return mv, mv.cast("Q"), mv.cast("I")
