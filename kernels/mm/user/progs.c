@@ -238,26 +238,36 @@ static void ld(unsigned long arg)
 }
 
 /* -------------------------------------------------------------------- fork */
+/*
+ * lat_proc's loop, plus a check that fork write-protected the parent for real: right after
+ * fork the parent stores to a page whose writable translation its TLB holds from just before;
+ * the child, running later, must still read the value from before the fork.  Without the TLB
+ * flush after write-protecting, the parent's store would land in the frame both share.
+ */
 static void fork_loop(unsigned n)
 {
-    uintptr_t heap = grow_heap(16);
+    uintptr_t heap = grow_heap(17);
     if (!heap)
         fail("fork", "brk");
     fill(heap, 16, 8, 7);
-    unsigned lost = 0, total = 0;
+    volatile uint32_t *gen = (volatile uint32_t *)(heap + 16 * PG);
+    unsigned lost = 0, stale = 0, total = 0;
     for (unsigned i = 0; i < n; i++) {
+        *gen = i;
         long pid = u_fork();
         if (pid < 0)
             fail("fork", "fork");
         if (pid == 0)
-            u_exit((int)(i & 0x7f));                    /* at once: only fork's own cost */
+            u_exit((int)(*gen & 0x7f));                 /* at once: only fork's own cost */
+        *gen = i + 1000;                                 /* copy on write, not a write into the child */
         int st;
         lost += u_wait(&st) != pid;
+        stale += (unsigned)st != (i & 0x7f);
         total += (unsigned)st;
     }
     unsigned bad = check(heap, 16, 8, 7);
-    uprintf("fork: forks=%u status_sum=%u heap_bad=%u lost=%u\n", n, total, bad, lost);
-    u_exit(bad || lost);
+    uprintf("fork: forks=%u status_sum=%u heap_bad=%u lost=%u stale=%u\n", n, total, bad, lost, stale);
+    u_exit(bad || lost || stale);
 }
 
 /* ---------------------------------------------------------------- memtouch */
