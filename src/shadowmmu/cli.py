@@ -600,10 +600,12 @@ def cmd_boot(args) -> int:
     sink = (lambda b: (out.write(chr(b)), out.flush())) if out is not None else None
     try:
         machine = Machine(image, cmdline, native=args.native, policy=args.policy, ram_mib=args.ram,
-                          trace=args.trace, serial_sink=sink, seed_access_bug=args.seed_access_bug)
+                          trace=args.trace, serial_sink=sink, seed_access_bug=args.update_pte_bug)
     except MultibootError as e:
         print(f"shadowmmu boot: {args.kernel}: {e}", file=sys.stderr)
         return 2
+    if args.count_instructions:
+        machine.cpu.count_instructions()
     result = machine.run(timeout=args.timeout)
     if args.log:
         with open(args.log, "wb") as f:
@@ -630,7 +632,8 @@ def boot_report(result) -> dict:
     return {"mode": result.mode, "serial": result.serial.decode("latin-1"), "status": result.status,
             "stop_reason": result.stop_reason, "exits": result.exits, "total_exits": result.total_exits,
             "deliveries": {VECTOR_NAMES.get(v, f"int {v:#x}"): n for v, n in sorted(result.deliveries.items())},
-            "memory_sha256": result.memory_sha256, "seconds": result.seconds, "mmu_stats": result.mmu_stats}
+            "memory_sha256": result.memory_sha256, "seconds": result.seconds, "mmu_stats": result.mmu_stats,
+            "instructions": result.instructions}
 
 
 def boot_table(result) -> Table:
@@ -646,6 +649,8 @@ def boot_table(result) -> Table:
         t.add_row("total VM exits", f"{result.total_exits:,}")
     for v, n in sorted(result.deliveries.items()):
         t.add_row(f"delivered in software: {VECTOR_NAMES.get(v, f'INT {v:#x}')}", f"{n:,}")
+    t.add_row("guest instructions", "not counted (--count-instructions)" if result.instructions is None
+              else f"{result.instructions:,}")
     t.add_row("guest RAM sha256", result.memory_sha256[:16])
     return t
 
@@ -901,7 +906,10 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--json", action="store_true")
     bt.add_argument("--trace", type=int, default=0, metavar="N", help="print the first N exits and deliveries")
     bt.add_argument("--log", metavar="FILE", help="also write the serial output to FILE")
-    bt.add_argument("--seed-access-bug", action="store_true", help="the seed's update_pte rights (2007 bug)")
+    bt.add_argument("--update-pte-bug", action="store_true",
+                    help="the seed's update_pte rights (U|W regardless of the upper levels), as selfcheck's")
+    bt.add_argument("--count-instructions", action="store_true",
+                    help="count guest instructions (a hook on every instruction: an order of magnitude slower)")
     bt.set_defaults(func=cmd_boot)
     d = sub.add_parser("demo", help="the main job: a demand fault traced, then compare on the default set")
     d.add_argument("--plot", metavar="FILE.png", help="also write the figure (.png, .pdf or .svg)")

@@ -50,7 +50,9 @@ def real_run(kernels: Path, fmt: str, workload: str, policy: str, frames: str = 
 
 
 def compare_real(kernels: Path, workloads, guests, pae_stores: str = "halves", frames=("warm", "cold"),
-                 progress=None) -> list[dict]:
+                 progress=None, model_size=None) -> list[dict]:
+    """One row per workload x frames x guest x policy.  ``model_size``: the Python
+    workload's size (None: its default); a steady fault's exits do not depend on it."""
     rows = []
     for workload in workloads:
         if workload not in MM_PROGRAMS:
@@ -61,13 +63,13 @@ def compare_real(kernels: Path, workloads, guests, pae_stores: str = "halves", f
                 for policy in ("zap", "update"):
                     if progress:
                         progress(f"{workload} {fr} {fmt} {policy}")
-                    rows.append(_row(kernels, workload, fr, guest, fmt, policy, pae_stores))
+                    rows.append(_row(kernels, workload, fr, guest, fmt, policy, pae_stores, model_size))
     return rows
 
 
-def _row(kernels, workload, frames, guest, fmt, policy, pae_stores) -> dict:
+def _row(kernels, workload, frames, guest, fmt, policy, pae_stores, model_size) -> dict:
         real = real_run(kernels, fmt, workload, policy, frames)["faults"]
-        model = simulate(workload, policy, guest, frames=frames, pae_stores=pae_stores)
+        model = simulate(workload, policy, guest, model_size, frames=frames, pae_stores=pae_stores)
         row = {"workload": workload, "frames": frames, "guest": guest, "policy": policy,
                "kernel": f"mm-{fmt}.elf " + MM_PROGRAMS[workload] + (" warm" if frames == "warm" else "")}
         for kind in ("demand", "cow"):

@@ -398,8 +398,8 @@ class RealVCpu(Intercepts, VCpu):
             entries = t.entries
         except PageFault as pf:
             entries = pf.entries
-        if not entries:
-            raise MMUError(f"no shadow path for {vaddr:#x} after the MMU asked to emulate an access to it")
+        if not entries or entries[-1][0] != 1:
+            raise MMUError(f"no shadow leaf for {vaddr:#x} after the MMU asked to emulate an access to it")
         return entries[-1][1]
 
     def _begin_emulation(self, vaddr: int, access: int, result: PfResult) -> None:
