@@ -58,6 +58,8 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
     # --- structure: rmap exact, parent links exact, frames where they belong ----
     rmap_seen: dict[int, set[int]] = {}
     parents_seen: dict[int, set[int]] = {}
+    lo, hi, delta = gmem.linear_range()
+    shadowed = mmu.shadowed
     for sp in pages:
         if sp.zapped:
             raise AuditError(f"{sp!r} is zapped but still cached")
@@ -70,7 +72,7 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
             if not spte & SPTE_P:
                 continue
             present += 1
-            addr = sp.spte_addr(idx)
+            addr = (sp.hpfn << 12) | (idx << 3)
             pfn = (spte & SPTE_ADDR) >> 12
             if sp.role.level > 1:
                 child = mmu.by_hpfn.get(pfn)
@@ -78,12 +80,12 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
                     raise AuditError(f"{sp!r}[{idx}] = {spte:#x} points at no live shadow page")
                 parents_seen.setdefault(pfn, set()).add(addr)
                 continue
-            gfn = gmem.pfn_to_gfn(pfn)
+            gfn = pfn - delta if lo <= pfn - delta < hi else gmem.pfn_to_gfn(pfn)
             if gfn is None:
                 raise AuditError(f"{sp!r}[{idx}] = {spte:#x} maps host frame {pfn:#x} outside guest RAM")
             if spte & SPTE_W:
                 rmap_seen.setdefault(gfn, set()).add(addr)
-                if mmu.is_shadowed(gfn):
+                if gfn in shadowed:
                     raise AuditError(f"{sp!r}[{idx}] maps shadowed page table gfn {gfn:#x} writable")
         if present != sp.nr_present:
             raise AuditError(f"{sp!r} counts {sp.nr_present} present sptes, has {present}")
@@ -140,6 +142,8 @@ def _audit_roots(mmu, vcpu) -> None:
         tops = [(sp, 2, i << 30) for i, sp in enumerate(st.roots) if sp is not None]
     va_bits = 9 * st.glevels + 12 if st.glevels >= 4 else 32
     hw_keys = hw.pk_active and hw.format is not None and hw.format.levels >= 4
+    lo, hi, delta = mmu.gmem.linear_range()
+    rights_ok: set[int] = set()          # (guest rights, hardware rights) pairs already checked
     # (page, level, va base, rights the shadow entries above grant): the hardware's rights for a
     # leaf are its own AND the path's, as the hardware walk computes them
     stack = [(sp, level, base, R_ALL) for sp, level, base in tops]
@@ -161,7 +165,7 @@ def _audit_roots(mmu, vcpu) -> None:
                 continue
             if va >> (va_bits - 1) & 1 and va_bits > 32:
                 va |= ~((1 << va_bits) - 1) & ((1 << 64) - 1)
-            where = _Where(spte, va, sp)       # formatted only if an invariant breaks
+            where = _Where(spte, va, sp) if large is None else None    # formatted only if an invariant breaks
             if large is not None:
                 t = large
                 paddr = (large.paddr & ~((1 << large.page_shift) - 1)) | (va & ((1 << large.page_shift) - 1))
@@ -174,25 +178,31 @@ def _audit_roots(mmu, vcpu) -> None:
                 if sp.role.direct and t.page_shift > 12:
                     large = t
             gleaf = t.leaf
-            if mmu.gmem.gfn_to_pfn(paddr >> 12) != (spte & SPTE_ADDR) >> 12:
-                raise AuditError(f"{where}: guest maps gpa {paddr:#x}, spte maps another frame")
+            gfn = paddr >> 12
+            if (gfn + delta if lo <= gfn < hi else mmu.gmem.gfn_to_pfn(gfn)) != (spte & SPTE_ADDR) >> 12:
+                raise AuditError(f"{where or _Where(spte, va, sp)}: guest maps gpa {paddr:#x}, spte maps another "
+                                 f"frame")
             if not gleaf & PTE_A:
-                raise AuditError(f"{where}: guest pte has A=0, an access would not set it")
+                raise AuditError(f"{where or _Where(spte, va, sp)}: guest pte has A=0, an access would not set it")
             if spte & SPTE_W and not gleaf & PTE_D:
-                raise AuditError(f"{where}: writable while the guest pte is clean")
+                raise AuditError(f"{where or _Where(spte, va, sp)}: writable while the guest pte is clean")
             # what the hardware grants through the shadow path must be a subset of what
             # the guest's own translation grants, for every access, under each side's
             # CR0.WP/SMEP/SMAP (this is where the CR0.WP=0 trick must stay honest)
             g_rights, h_rights = t.rights, rights
-            for name, col in _ACCESS_COLUMNS:
-                if not h_perm[h_rights | col] and g_perm[g_rights | col]:
-                    raise AuditError(f"{where}: the hardware allows a {name} that the guest's tables forbid")
+            if (g_rights << 4 | h_rights) not in rights_ok:
+                for name, col in _ACCESS_COLUMNS:
+                    if not h_perm[h_rights | col] and g_perm[g_rights | col]:
+                        raise AuditError(f"{where or _Where(spte, va, sp)}: the hardware allows a {name} that the "
+                                         f"guest's tables forbid")
+                rights_ok.add(g_rights << 4 | h_rights)
             h_user = bool(h_rights & R_U)
             if guest.pk_active and t.user and not h_user:
-                raise AuditError(f"{where}: a user page of the guest is supervisor-only in hardware, "
+                raise AuditError(f"{where or _Where(spte, va, sp)}: a user page of the guest is supervisor-only in hardware, "
                                  f"which hides it from the guest's protection keys")
             if guest.pk_active and h_user and hw_keys and (spte >> 59) & 15 != t.pkey:
-                raise AuditError(f"{where}: protection key {(spte >> 59) & 15}, the guest's pte has key {t.pkey}")
+                raise AuditError(f"{where or _Where(spte, va, sp)}: protection key {(spte >> 59) & 15}, the guest's "
+                                 f"pte has key {t.pkey}")
 
 
 def _audit_tlb(mmu, vcpu) -> None:

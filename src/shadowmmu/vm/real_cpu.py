@@ -90,7 +90,8 @@ class RealVCpu(Intercepts, VCpu):
     tlb_class = HwTlb
 
     def __init__(self, vm, devices, *, trace_limit: int = 0):
-        super().__init__(vm, 0)
+        super().__init__(vm, len(vm.vcpus))
+        vm.vcpus.append(self)
         self.devices = devices
         self.deliveries: Counter = Counter()     # events delivered in software, by vector
         self.io_counts: Counter = Counter()
