@@ -105,6 +105,19 @@ class HiddenState:
         ctypes.c_uint64.from_address(self.base + OFF_EFER).value = v
 
     @property
+    def cr2(self) -> int:
+        return ctypes.c_uint64.from_address(self.base + OFF_CR + 16).value
+
+    @cr2.setter
+    def cr2(self, v: int) -> None:
+        ctypes.c_uint64.from_address(self.base + OFF_CR + 16).value = v
+
+    @property
+    def eflags(self) -> int:
+        """EFLAGS without the arithmetic flags, which QEMU computes lazily (AC, TF, IF are here)."""
+        return ctypes.c_uint64.from_address(self.base + OFF_EFLAGS).value
+
+    @property
     def pkru(self) -> int:
         """PKRU (the register API has no name for it in unicorn 2.1.4)."""
         return ctypes.c_uint32.from_address(self.base + OFF_PKRU).value
@@ -182,6 +195,8 @@ def check_layout() -> None:
     uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x100, 0x17, 0))
     uc.reg_write(X.UC_X86_REG_EAX, 0x5A5A1234)
     uc.reg_write(X.UC_X86_REG_CR4, 0x200)
+    uc.reg_write(X.UC_X86_REG_CR2, 0x12345000)
+    uc.reg_write(X.UC_X86_REG_EFLAGS, 0x40002)           # AC
     st = HiddenState(uc).load()
     found = []
 
@@ -194,6 +209,9 @@ def check_layout() -> None:
     expect("CR4", ctypes.c_uint64.from_address(st.base + OFF_CR + 32).value, 0x200)
     expect("GDTR.limit", st.segment(OFF_GDT)[2], 0x17)
     expect("EFER", ctypes.c_uint64.from_address(st.base + OFF_EFER).value, uc.msr_read(0xC0000080))
+    expect("CR2", st.cr2, 0x12345000)
+    expect("EFLAGS.AC", st.eflags & 0x40000, 0x40000)
+    uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
 
     def on_intr(u, intno, _):
         st.load()

@@ -199,12 +199,15 @@ class RealVCpu(Intercepts, VCpu):
         uc.reg_write(X.UC_X86_REG_RFLAGS, rflags)
         uc.reg_write(X.UC_X86_REG_RIP, rip)
 
-    def _sync_guest_flags(self) -> None:
-        """CPL, EFLAGS.AC and PKRU, which decide a walk's outcome, into the guest state."""
+    def _sync_guest_flags(self, st=None, cpl: int | None = None, eflags: int | None = None) -> None:
+        """CPL, EFLAGS.AC and PKRU, which decide a walk's outcome, into the guest state
+        (from a context loaded just now, or loaded here)."""
         g = self.guest
-        st = self.st.load()
-        g.cpl = st.cpl
-        g.ac = bool(self.uc.reg_read(X.UC_X86_REG_RFLAGS) & EFLAGS_AC)
+        if cpl is None:
+            st = self.st.load()
+            cpl, eflags = st.cpl, st.eflags
+        g.cpl = cpl
+        g.ac = bool(eflags & EFLAGS_AC)
         if g.pk_active:
             g.pkru = st.pkru
         self.hw.cpl, self.hw.ac, self.hw.pkru = g.cpl, g.ac, g.pkru
@@ -306,10 +309,17 @@ class RealVCpu(Intercepts, VCpu):
             self.trace.append(text)
 
     def _on_intr(self, uc, intno, _):
+        # one load and one store of the context per event: the hook's inputs come from it,
+        # and a hidden #PF's CR2 write is undone in it (the guest's CR2 is restored; an
+        # injected #PF sets the guest's new CR2 afterwards)
         st = self.st.load()
         software = st.exception_is_int
         error_code = st.error_code
+        fault_address = st.cr2
+        cpl, eflags = st.cpl, st.eflags
         st.clear_old_exception()
+        if intno == 14 and not self.native:
+            st.cr2 = self.guest_cr2
         st.store()
         if self.stopping:
             return
@@ -321,7 +331,7 @@ class RealVCpu(Intercepts, VCpu):
                 self.exit_seconds[reason] += time.perf_counter() - t0
             elif intno == 14:
                 t0 = time.perf_counter()
-                reason = self._on_page_fault(uc.reg_read(X.UC_X86_REG_CR2), error_code)
+                reason = self._on_page_fault(fault_address, error_code, cpl, eflags)
                 if reason is not None:
                     self.exit_seconds[reason] += time.perf_counter() - t0
             else:
@@ -358,7 +368,7 @@ class RealVCpu(Intercepts, VCpu):
             self._stop(str(e))
         return True
 
-    def _on_page_fault(self, vaddr: int, error_code: int) -> str | None:
+    def _on_page_fault(self, vaddr: int, error_code: int, cpl: int, eflags: int) -> str | None:
         """A #PF raised by the hardware walk; returns the exit's reason (None natively)."""
         if self.native:
             self._deliver(delivery.PF, error_code, cr2=vaddr)
@@ -367,9 +377,9 @@ class RealVCpu(Intercepts, VCpu):
             raise MMUError(f"the hardware found reserved bits in an spte walking {vaddr:#x}")
         if self.stepping is not None and vaddr >> 12 in self.stepping.windows_by_page:
             raise MMUError(f"the emulation window of {vaddr:#x} faults")
-        self._sync_guest_flags()
+        self._sync_guest_flags(self.st, cpl, eflags)
         if self.observer is not None:
-            self.observer.before_pf_exit(vaddr, self.guest.cpl)
+            self.observer.before_pf_exit(vaddr, cpl)
         access = error_code & (PF_W | PF_U | PF_ID)
         events = self.events
         result = self.vm.mmu.page_fault(self, vaddr, access)
@@ -379,7 +389,6 @@ class RealVCpu(Intercepts, VCpu):
                        f"RIP {self.reg('rip'):#x}")
         if result is PfResult.FIXED:
             self._program_hw()
-            self.uc.reg_write(X.UC_X86_REG_CR2, self.guest_cr2)
         elif result is PfResult.INJECT:
             self._program_hw()
             if self.stepping is not None:
@@ -434,7 +443,6 @@ class RealVCpu(Intercepts, VCpu):
         step.windows_by_page[vaddr >> 12] = window
         self.tlb.flush_pending = True
         self._program_hw()
-        self.uc.reg_write(X.UC_X86_REG_CR2, self.guest_cr2)
         if step.writes is None:
             step.plan()
 
