@@ -158,6 +158,7 @@ __attribute__((noreturn)) void kpanic(const char *fmt, ...) __attribute__((forma
 
 /* ---------------------------------------------------------------- frames */
 /* physical frames are identity-mapped: the kernel reaches frame f at address f */
+void frames_warm(void);               /* zero every free frame now (the model's warm frames) */
 uintptr_t frame_alloc(void);           /* a zeroed frame with refcount 1, or 0 when memory is out */
 void frame_get(uintptr_t pa);          /* refcount += 1 */
 void frame_put(uintptr_t pa);          /* refcount -= 1; freed at 0 */

@@ -565,6 +565,9 @@ void kmain(struct boot_info *bi)
     const char *argv[4];
     char buf[BOOT_CMDLINE_MAX];
     int argc = cmdline_args(bi->cmdline, argv, 4, buf, sizeof(buf));
+    int warm = argc > 2 && !strcmp(argv[argc - 1], "warm");    /* "PROGRAM N warm": see frames_warm */
+    if (warm)
+        argc--;
 
     uhdr = (const struct uhdr *)user_image;
     if (uhdr->magic != UHDR_MAGIC)
@@ -592,7 +595,9 @@ void kmain(struct boot_info *bi)
         kprintf("mm: kbuild: N must be at most 255, got %d\n", n);
         kexit(1);
     }
-    kprintf("mm: format=%s program=%s n=%d\n", FMT_NAME, cmds[which].name, n);
+    if (warm)
+        frames_warm();
+    kprintf("mm: format=%s program=%s n=%d frames=%s\n", FMT_NAME, cmds[which].name, n, warm ? "warm" : "cold");
     frames_at_start = frames_free;
 
     int i = alloc_proc();
