@@ -13,6 +13,11 @@
  * it (or, when the faulting process is its last user, just makes it writable again).  A pte is
  * always written with A set, and D set when the fault was a write; the faulting instruction is
  * then retried by iret.
+ *
+ * TLB: invlpg after a present pte changes or goes (copy on write, munmap, brk), a CR3 load after
+ * fork write-protects the parent, nothing when a pte becomes present (not-present entries are
+ * never cached).  The fork and memtouch programs check the first two from user space: a native
+ * run (a real TLB) prints stale=/zero_bad= counts other than 0 if either is left out.
  */
 #include "kern.h"
 #include "mm.h"
