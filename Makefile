@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench reach mutate clean
+.PHONY: demo test bench bench-boot kernels reach mutate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,5 +42,13 @@ reach: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/shadowmmu bench walk
 
+# the real x86 guest kernels (gcc, as, ld): kernels/build/{mm,selftest,stores}-{32,pae,pae-pte64,64,la57}.elf
+# (make test builds its own copy; this one is for shadowmmu boot, compare --real and bench boot)
+kernels:
+	$(MAKE) -s -C kernels PTE64=1 LA57=1
+
+bench-boot: $(STAMP) kernels
+	$(VENV)/bin/shadowmmu bench boot
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info mutants
+	rm -rf $(VENV) build src/*.egg-info mutants kernels/build

@@ -600,10 +600,12 @@ def cmd_boot(args) -> int:
     sink = (lambda b: (out.write(chr(b)), out.flush())) if out is not None else None
     try:
         machine = Machine(image, cmdline, native=args.native, policy=args.policy, ram_mib=args.ram,
-                          trace=args.trace, serial_sink=sink, seed_access_bug=args.seed_access_bug)
+                          trace=args.trace, serial_sink=sink, seed_access_bug=args.update_pte_bug)
     except MultibootError as e:
         print(f"shadowmmu boot: {args.kernel}: {e}", file=sys.stderr)
         return 2
+    if args.count_instructions:
+        machine.cpu.count_instructions()
     result = machine.run(timeout=args.timeout)
     if args.log:
         with open(args.log, "wb") as f:
@@ -630,7 +632,8 @@ def boot_report(result) -> dict:
     return {"mode": result.mode, "serial": result.serial.decode("latin-1"), "status": result.status,
             "stop_reason": result.stop_reason, "exits": result.exits, "total_exits": result.total_exits,
             "deliveries": {VECTOR_NAMES.get(v, f"int {v:#x}"): n for v, n in sorted(result.deliveries.items())},
-            "memory_sha256": result.memory_sha256, "seconds": result.seconds, "mmu_stats": result.mmu_stats}
+            "memory_sha256": result.memory_sha256, "seconds": result.seconds, "mmu_stats": result.mmu_stats,
+            "instructions": result.instructions}
 
 
 def boot_table(result) -> Table:
@@ -646,6 +649,8 @@ def boot_table(result) -> Table:
         t.add_row("total VM exits", f"{result.total_exits:,}")
     for v, n in sorted(result.deliveries.items()):
         t.add_row(f"delivered in software: {VECTOR_NAMES.get(v, f'INT {v:#x}')}", f"{n:,}")
+    t.add_row("guest instructions", "not counted (--count-instructions)" if result.instructions is None
+              else f"{result.instructions:,}")
     t.add_row("guest RAM sha256", result.memory_sha256[:16])
     return t
 
@@ -700,7 +705,44 @@ def cmd_compare(args) -> int:
     for p in data["predictions"] or []:
         for line in prediction_lines(p):
             console.print(line, highlight=False)
+    if args.real:
+        _compare_real(args, console)
     return 0
+
+
+def _compare_real(args, console) -> None:
+    """The model's steady exits per fault next to the mm kernel's on the real vCPU."""
+    from pathlib import Path
+    from .analysis.real_compare import compare_real
+    kernels = Path(args.kernels)
+    if not (kernels / "mm-64.elf").exists():
+        raise UsageError(f"{kernels}: no built mm kernel: build the kernels first (make kernels)")
+    with console.status("compare --real ...") as status:
+        frames = args.frames or ["warm", "cold"]
+        rows = compare_real(kernels, args.workloads, args.guest, args.pae_stores, frames,
+                            progress=lambda text: status.update(f"compare --real: {text}"))
+    t = Table(title="VM exits per steady fault: the Python model and real x86 code (the mm kernel on unicorn), "
+                    "same MMU",
+              caption="steady: the fault's page table existed and stayed shadowed, no shadow page made or zapped "
+                      "meanwhile; (n): how many such faults. Warm: boot zeroed every frame; cold: the kernel's "
+                      "first touch of a fresh frame takes one hidden #PF. The mm kernel never recycles a frame in "
+                      "these runs, the model's allocator does: cold means can differ, warm ones must not.")
+    for col in ("workload", "frames", "guest", "policy", "demand: model", "demand: real", "COW: model",
+                "COW: real", "real kernel"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        cells = []
+        for kind in ("demand", "cow"):
+            k = r[kind]
+            cells += [f"{k['model']} ({k['model_faults']})", f"{k['real']} ({k['real_faults']})"]
+        t.add_row(r["workload"], r["frames"], guest_label_short(r["guest"], args.pae_stores), r["policy"], *cells,
+                  r["kernel"])
+    console.print(t)
+
+
+def guest_label_short(guest: str, pae_stores: str) -> str:
+    from .analysis.report import guest_label
+    return guest_label(guest, pae_stores)
 
 
 COMPARE_KEY = (
@@ -720,7 +762,7 @@ def cmd_demo(args) -> int:
     plot = _check_plot_path(args.plot)             # before the trace, so a bad path costs nothing
     cmd_trace(argparse.Namespace(policy=None, guest="64"))
     return cmd_compare(argparse.Namespace(workloads=[], guest=None, size=None, seed=0, costs="p4-2006",
-                                          json=False, plot=plot, frames=None, pae_stores="halves"))
+                                          json=False, plot=plot, frames=None, pae_stores="halves", real=False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -845,6 +887,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description=f"Run workloads natively and under both policies. Workloads: {workload_help}.")
     cp.add_argument("workloads", nargs="*", help="workloads to compare (default: demand forkwait kbuild)")
     run_options(cp, many=True)
+    cp.add_argument("--real", action="store_true",
+                    help="also run the same workloads as real x86 code (the mm kernel on the real vCPU) and show "
+                         "their exits per fault next to the model's")
+    cp.add_argument("--kernels", default="kernels/build", help="--real: the folder of the built kernels")
     cp.set_defaults(func=cmd_compare)
 
     bt = sub.add_parser("boot", help="boot a multiboot kernel (real x86 code on unicorn) on the shadow MMU",
@@ -860,7 +906,10 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--json", action="store_true")
     bt.add_argument("--trace", type=int, default=0, metavar="N", help="print the first N exits and deliveries")
     bt.add_argument("--log", metavar="FILE", help="also write the serial output to FILE")
-    bt.add_argument("--seed-access-bug", action="store_true", help="the seed's update_pte rights (2007 bug)")
+    bt.add_argument("--update-pte-bug", action="store_true",
+                    help="the seed's update_pte rights (U|W regardless of the upper levels), as selfcheck's")
+    bt.add_argument("--count-instructions", action="store_true",
+                    help="count guest instructions (a hook on every instruction: an order of magnitude slower)")
     bt.set_defaults(func=cmd_boot)
     d = sub.add_parser("demo", help="the main job: a demand fault traced, then compare on the default set")
     d.add_argument("--plot", metavar="FILE.png", help="also write the figure (.png, .pdf or .svg)")

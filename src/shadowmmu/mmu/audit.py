@@ -10,11 +10,11 @@ from __future__ import annotations
 from functools import lru_cache
 from itertools import compress
 
-from ..x86.bits import CR0_WP, CR4_PKE, CR4_SMAP, CR4_SMEP, PTE_A, PTE_D
+from ..x86.bits import CR0_WP, CR4_PKE, CR4_SMAP, CR4_SMEP, PTE_A, PTE_D, R_ALL, R_U, R_X
 from ..x86.cpu import A_F, A_SMAP_OVERRIDE, A_U, A_W, permission_faults
 from ..x86.faults import PageFault
 from ..x86.walker import translate
-from .spte import SPTE_ADDR, SPTE_P, SPTE_W
+from .spte import SPTE_ADDR, SPTE_NX, SPTE_P, SPTE_W
 
 
 class AuditError(AssertionError):
@@ -58,6 +58,8 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
     # --- structure: rmap exact, parent links exact, frames where they belong ----
     rmap_seen: dict[int, set[int]] = {}
     parents_seen: dict[int, set[int]] = {}
+    lo, hi, delta = gmem.linear_range()
+    shadowed = mmu.shadowed
     for sp in pages:
         if sp.zapped:
             raise AuditError(f"{sp!r} is zapped but still cached")
@@ -70,7 +72,7 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
             if not spte & SPTE_P:
                 continue
             present += 1
-            addr = sp.spte_addr(idx)
+            addr = (sp.hpfn << 12) | (idx << 3)
             pfn = (spte & SPTE_ADDR) >> 12
             if sp.role.level > 1:
                 child = mmu.by_hpfn.get(pfn)
@@ -78,12 +80,12 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
                     raise AuditError(f"{sp!r}[{idx}] = {spte:#x} points at no live shadow page")
                 parents_seen.setdefault(pfn, set()).add(addr)
                 continue
-            gfn = gmem.pfn_to_gfn(pfn)
+            gfn = pfn - delta if lo <= pfn - delta < hi else gmem.pfn_to_gfn(pfn)
             if gfn is None:
                 raise AuditError(f"{sp!r}[{idx}] = {spte:#x} maps host frame {pfn:#x} outside guest RAM")
             if spte & SPTE_W:
                 rmap_seen.setdefault(gfn, set()).add(addr)
-                if mmu.is_shadowed(gfn):
+                if gfn in shadowed:
                     raise AuditError(f"{sp!r}[{idx}] maps shadowed page table gfn {gfn:#x} writable")
         if present != sp.nr_present:
             raise AuditError(f"{sp!r} counts {sp.nr_present} present sptes, has {present}")
@@ -128,7 +130,6 @@ def _audit_roots(mmu, vcpu) -> None:
     st = vcpu.mmu_state
     guest = vcpu.guest
     probe = _probe_cpu(guest)
-    hw_probe = _probe_cpu(vcpu.hw)
     # SMEP and SMAP are paging features: without guest paging they do not apply
     g_wp = bool(guest.cr0 & CR0_WP)
     g_smep, g_smap = (bool(guest.cr4 & CR4_SMEP), bool(guest.cr4 & CR4_SMAP)) if guest.paging else (False, False)
@@ -140,49 +141,68 @@ def _audit_roots(mmu, vcpu) -> None:
     else:
         tops = [(sp, 2, i << 30) for i, sp in enumerate(st.roots) if sp is not None]
     va_bits = 9 * st.glevels + 12 if st.glevels >= 4 else 32
-    stack = list(tops)
+    hw_keys = hw.pk_active and hw.format is not None and hw.format.levels >= 4
+    lo, hi, delta = mmu.gmem.linear_range()
+    rights_ok: set[int] = set()          # (guest rights, hardware rights) pairs already checked
+    # (page, level, va base, rights the shadow entries above grant): the hardware's rights for a
+    # leaf are its own AND the path's, as the hardware walk computes them
+    stack = [(sp, level, base, R_ALL) for sp, level, base in tops]
     while stack:
-        sp, level, base = stack.pop()
+        sp, level, base, above = stack.pop()
         shift = 12 + 9 * (level - 1)
         spt = sp.spt
+        # a direct page splits one guest large page: one guest walk answers for all its entries
+        # (checked: the walk must end in a large page covering them)
+        large = None
         for idx in _present(spt):
             spte = spt[idx]
             if not spte & SPTE_P:
                 continue
             va = base | (idx << shift)
+            rights = above & (((spte >> 1) & 1) | ((spte >> 1) & 2) | (0 if spte & SPTE_NX else R_X))
             if level > 1:
-                stack.append((mmu.by_hpfn[(spte & SPTE_ADDR) >> 12], level - 1, va))
+                stack.append((mmu.by_hpfn[(spte & SPTE_ADDR) >> 12], level - 1, va, rights))
                 continue
             if va >> (va_bits - 1) & 1 and va_bits > 32:
                 va |= ~((1 << va_bits) - 1) & ((1 << 64) - 1)
-            where = _Where(spte, va, sp)       # formatted only if an invariant breaks
-            try:
-                t = translate(mmu.gmem, probe, va, 0, set_ad=False)
-            except PageFault as pf:
-                raise AuditError(f"{where}: present, but the guest walk faults ({pf})") from None
+            where = _Where(spte, va, sp) if large is None else None    # formatted only if an invariant breaks
+            if large is not None:
+                t = large
+                paddr = (large.paddr & ~((1 << large.page_shift) - 1)) | (va & ((1 << large.page_shift) - 1))
+            else:
+                try:
+                    t = translate(mmu.gmem, probe, va, 0, set_ad=False)
+                except PageFault as pf:
+                    raise AuditError(f"{where}: present, but the guest walk faults ({pf})") from None
+                paddr = t.paddr
+                if sp.role.direct and t.page_shift > 12:
+                    large = t
             gleaf = t.leaf
-            if mmu.gmem.gfn_to_pfn(t.paddr >> 12) != (spte & SPTE_ADDR) >> 12:
-                raise AuditError(f"{where}: guest maps gpa {t.paddr:#x}, spte maps another frame")
+            gfn = paddr >> 12
+            if (gfn + delta if lo <= gfn < hi else mmu.gmem.gfn_to_pfn(gfn)) != (spte & SPTE_ADDR) >> 12:
+                raise AuditError(f"{where or _Where(spte, va, sp)}: guest maps gpa {paddr:#x}, spte maps another "
+                                 f"frame")
             if not gleaf & PTE_A:
-                raise AuditError(f"{where}: guest pte has A=0, an access would not set it")
+                raise AuditError(f"{where or _Where(spte, va, sp)}: guest pte has A=0, an access would not set it")
             if spte & SPTE_W and not gleaf & PTE_D:
-                raise AuditError(f"{where}: writable while the guest pte is clean")
+                raise AuditError(f"{where or _Where(spte, va, sp)}: writable while the guest pte is clean")
             # what the hardware grants through the shadow path must be a subset of what
             # the guest's own translation grants, for every access, under each side's
             # CR0.WP/SMEP/SMAP (this is where the CR0.WP=0 trick must stay honest)
-            try:
-                h = translate(mmu.host, hw_probe, va, 0, set_ad=False)
-            except PageFault:
-                continue               # the hardware faults on every access: it grants nothing
-            g_rights, h_rights = t.rights, h.rights
-            for name, col in _ACCESS_COLUMNS:
-                if not h_perm[h_rights | col] and g_perm[g_rights | col]:
-                    raise AuditError(f"{where}: the hardware allows a {name} that the guest's tables forbid")
-            if guest.pk_active and t.user and not h.user:
-                raise AuditError(f"{where}: a user page of the guest is supervisor-only in hardware, "
+            g_rights, h_rights = t.rights, rights
+            if (g_rights << 4 | h_rights) not in rights_ok:
+                for name, col in _ACCESS_COLUMNS:
+                    if not h_perm[h_rights | col] and g_perm[g_rights | col]:
+                        raise AuditError(f"{where or _Where(spte, va, sp)}: the hardware allows a {name} that the "
+                                         f"guest's tables forbid")
+                rights_ok.add(g_rights << 4 | h_rights)
+            h_user = bool(h_rights & R_U)
+            if guest.pk_active and t.user and not h_user:
+                raise AuditError(f"{where or _Where(spte, va, sp)}: a user page of the guest is supervisor-only in hardware, "
                                  f"which hides it from the guest's protection keys")
-            if guest.pk_active and h.user and h.pkey != t.pkey:
-                raise AuditError(f"{where}: protection key {h.pkey}, the guest's pte has key {t.pkey}")
+            if guest.pk_active and h_user and hw_keys and (spte >> 59) & 15 != t.pkey:
+                raise AuditError(f"{where or _Where(spte, va, sp)}: protection key {(spte >> 59) & 15}, the guest's "
+                                 f"pte has key {t.pkey}")
 
 
 def _audit_tlb(mmu, vcpu) -> None:

@@ -66,7 +66,7 @@ class Machine:
         self.boot = boot = load_multiboot(image, cmdline=cmdline, ram_size=ram, module=module)
         self.devices = PcDevices(ram, serial_sink=serial_sink)
         self.vm = vm = VM(ram, native=native, policy=None if native else policy, memory="mmap", audit=audit,
-                          seed_access_bug=seed_access_bug, pool_pages=pool_pages)
+                          seed_access_bug=seed_access_bug, pool_pages=pool_pages, nr_vcpus=0)
         for gpa, size, handler, name in self.devices.mmio:
             vm.add_mmio(gpa, size, handler, name)
         for seg in boot.segments:

@@ -90,7 +90,8 @@ class RealVCpu(Intercepts, VCpu):
     tlb_class = HwTlb
 
     def __init__(self, vm, devices, *, trace_limit: int = 0):
-        super().__init__(vm, 0)
+        super().__init__(vm, len(vm.vcpus))
+        vm.vcpus.append(self)
         self.devices = devices
         self.deliveries: Counter = Counter()     # events delivered in software, by vector
         self.io_counts: Counter = Counter()
@@ -398,8 +399,8 @@ class RealVCpu(Intercepts, VCpu):
             entries = t.entries
         except PageFault as pf:
             entries = pf.entries
-        if not entries:
-            raise MMUError(f"no shadow path for {vaddr:#x} after the MMU asked to emulate an access to it")
+        if not entries or entries[-1][0] != 1:
+            raise MMUError(f"no shadow leaf for {vaddr:#x} after the MMU asked to emulate an access to it")
         return entries[-1][1]
 
     def _begin_emulation(self, vaddr: int, access: int, result: PfResult) -> None:

@@ -27,7 +27,8 @@ class VM:
     ``audit`` sets the MMU's audit points (see ShadowMMU).
     ``memory`` is the host memory's backend: "dict" (a bytearray per frame) or
     "mmap" (one anonymous mapping, see ``x86.memory.MappedPhysicalMemory``).
-    ``vm.policy`` and ``vm.exits`` (exits by reason) read the result back."""
+    ``vm.policy`` and ``vm.exits`` (exits by reason) read the result back.
+    ``nr_vcpus=0``: the caller attaches its own vCPU (the real one, ``vm.real_cpu``)."""
 
     def __init__(self, ram_size: int = 256 << 20, *, native: bool = False, policy: str | None = None,
                  pte_write: str | None = None, seed_access_bug: bool = False, pool_pages: int = 4096,
@@ -42,8 +43,8 @@ class VM:
             raise ValueError(f"guest RAM size {ram_size:#x} exceeds the 64 GiB this model supports")
         if ram_size > 1 << maxphyaddr:
             raise ValueError(f"guest RAM of {ram_size:#x} bytes does not fit in {maxphyaddr} physical address bits")
-        if nr_vcpus < 1:
-            raise ValueError("a VM needs at least one vCPU")
+        if nr_vcpus < 0:
+            raise ValueError(f"nr_vcpus must be 0 or more, got {nr_vcpus}")
         self.native = native
         self.maxphyaddr = maxphyaddr
         self.ram_pages = ram_size >> 12
