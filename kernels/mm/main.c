@@ -13,6 +13,11 @@
  * it (or, when the faulting process is its last user, just makes it writable again).  A pte is
  * always written with A set, and D set when the fault was a write; the faulting instruction is
  * then retried by iret.
+ *
+ * TLB: invlpg after a present pte changes or goes (copy on write, munmap, brk), a CR3 load after
+ * fork write-protects the parent, nothing when a pte becomes present (not-present entries are
+ * never cached).  The fork and memtouch programs check the first two from user space: a native
+ * run (a real TLB) prints stale=/zero_bad= counts other than 0 if either is left out.
  */
 #include "kern.h"
 #include "mm.h"
@@ -37,7 +42,6 @@ struct proc {
     struct trapframe tf;             /* the registers while not running */
     struct vma vma[NVMA];
     int nvma;
-    uintptr_t mmap_next;
 };
 
 enum { VMA_TEXT, VMA_DATA, VMA_HEAP, VMA_STACK, VMA_FIRST_MMAP };
@@ -204,7 +208,6 @@ static int do_exec(struct proc *p, int prog, long arg)
     p->vma[VMA_DATA] = (struct vma){ uhdr->text_end, data_end, VM_WRITE };
     p->vma[VMA_HEAP] = (struct vma){ data_end, PAGE_ALIGN_UP(uhdr->bss_end), VM_WRITE | VM_ANON };
     p->vma[VMA_STACK] = (struct vma){ U_STACK_TOP - U_STACK_PAGES * PAGE_SIZE, U_STACK_TOP, VM_WRITE | VM_ANON };
-    p->mmap_next = U_MMAP_BASE;
     trapframe_user(&p->tf, uhdr->entry, U_STACK_TOP);
     TF_ARG0(&p->tf) = (uintptr_t)prog;
     TF_ARG1(&p->tf) = (uintptr_t)arg;
@@ -255,7 +258,6 @@ static long do_fork(struct proc *p)
     }
     memcpy(c->vma, p->vma, sizeof(c->vma));
     c->nvma = p->nvma;
-    c->mmap_next = p->mmap_next;
     c->tf = p->tf;
     TF_RET(&c->tf) = 0;
     c->parent = (int)(p - procs);
@@ -367,20 +369,33 @@ static long do_brk(struct proc *p, uintptr_t addr)
     return (long)end;
 }
 
+/*
+ * mmap: the lowest gap of npages pages above U_MMAP_BASE, first fit, so that addresses freed by
+ * munmap are used again (as Linux does): a missing invlpg at munmap would then leave the old
+ * frame visible at the new mapping, and the program would see it.
+ */
+#define MMAP_LIMIT (U_STACK_TOP - U_STACK_PAGES * PAGE_SIZE - PAGE_SIZE)  /* a guard page below the stack */
+
 static long do_mmap(struct proc *p, long npages)
 {
-    uintptr_t len = (uintptr_t)npages << PAGE_SHIFT;
-    if (npages <= 0 || npages > (long)((U_STACK_TOP - U_STACK_PAGES * PAGE_SIZE - p->mmap_next) >> PAGE_SHIFT) - 1)
+    if (npages <= 0 || npages > (long)((MMAP_LIMIT - U_MMAP_BASE) >> PAGE_SHIFT))
         return -1;
-    uintptr_t a = p->mmap_next;
-    struct vma *last = &p->vma[p->nvma - 1];
-    if (p->nvma > VMA_FIRST_MMAP && last->end == a)
-        last->end = a + len;         /* grow the previous mapping instead of using a slot */
-    else if (p->nvma < NVMA)
-        p->vma[p->nvma++] = (struct vma){ a, a + len, VM_WRITE | VM_ANON };
-    else
+    uintptr_t len = (uintptr_t)npages << PAGE_SHIFT, a = U_MMAP_BASE;
+    for (int i = VMA_FIRST_MMAP; i < p->nvma; i++)
+        if (a < p->vma[i].end && p->vma[i].start < a + len) {
+            a = p->vma[i].end;       /* overlaps: try just after this area, from the first one again */
+            i = VMA_FIRST_MMAP - 1;
+        }
+    if (a + len > MMAP_LIMIT)
         return -1;
-    p->mmap_next = a + len;
+    for (int i = VMA_FIRST_MMAP; i < p->nvma; i++)
+        if (p->vma[i].end == a) {
+            p->vma[i].end = a + len; /* grow the area just below instead of using a slot */
+            return (long)a;
+        }
+    if (p->nvma == NVMA)
+        return -1;
+    p->vma[p->nvma++] = (struct vma){ a, a + len, VM_WRITE | VM_ANON };
     return (long)a;
 }
 

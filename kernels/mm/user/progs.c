@@ -48,6 +48,18 @@ static unsigned check(uintptr_t addr, unsigned pages, unsigned words, uint32_t t
     return bad;
 }
 
+/* how many of those words are not zero */
+static unsigned nonzero(uintptr_t addr, unsigned pages, unsigned words)
+{
+    unsigned n = 0;
+    for (unsigned i = 0; i < pages; i++) {
+        volatile uint32_t *p = (volatile uint32_t *)(addr + i * PG);
+        for (unsigned k = 0; k < words; k++)
+            n += p[k * (WORDS_PER_PAGE / words)] != 0;
+    }
+    return n;
+}
+
 /* an order-dependent checksum of the same words */
 static uint32_t sum(uintptr_t addr, unsigned pages, unsigned words)
 {
@@ -276,22 +288,34 @@ static void fork_loop(unsigned n)
 static __attribute__((noreturn)) void memtouch_worker(unsigned w, unsigned cycles)
 {
     uint32_t s = 0;
-    unsigned bad = 0;
+    unsigned bad = 0, zero_bad = 0;
     for (unsigned c = 0; c < cycles; c++) {
         unsigned np = 8 + (w * 7 + c * 5) % 24;
         uintptr_t a = u_mmap(np);
         if (a == (uintptr_t)-1)
             fail("memtouch", "mmap");
         uint32_t tag = w << 16 | c;
+        zero_bad += nonzero(a, np, 16);                  /* fresh memory reads zero (first touch: a read) */
         fill(a, np, 16, tag);
         bad += check(a, np, 16, tag);
         s = mix(s ^ sum(a, np, 16));
         if (u_munmap(a, np))                             /* present ptes go: invlpg each */
             fail("memtouch", "munmap");
+        /*
+         * mmap is first fit: one page mapped now lands where the first page was, and must read
+         * zero; the TLB still holds the old translation unless munmap invalidated it (a process
+         * switch would flush it, so this comes before the yield).
+         */
+        uintptr_t b = u_mmap(1);
+        if (b == (uintptr_t)-1)
+            fail("memtouch", "mmap");
+        zero_bad += nonzero(b, 1, 16);
+        if (u_munmap(b, 1))
+            fail("memtouch", "munmap");
         u_yield();                                       /* the workers' cycles interleave */
     }
-    uprintf("memtouch: worker=%u cycles=%u sum=%08x bad=%u\n", w, cycles, s, bad);
-    u_exit(bad != 0);
+    uprintf("memtouch: worker=%u cycles=%u sum=%08x bad=%u zero_bad=%u\n", w, cycles, s, bad, zero_bad);
+    u_exit(bad || zero_bad);
 }
 
 static void memtouch(unsigned cycles)
