@@ -38,7 +38,7 @@ from ..x86.tlb import Tlb
 from ..x86.walker import translate
 from . import delivery
 from .intercepts import Intercepts
-from .qemu_state import CS, DS, ES, FS, GS, HF_CS64, HF_LMA, OFF_GDT, OFF_IDT, OFF_LDT, OFF_TR, SS, HiddenState, check_layout
+from .qemu_state import CS, DS, ES, FS, GS, HF_CS64, HF_LMA, HF_PE, OFF_GDT, OFF_IDT, OFF_LDT, OFF_TR, SS, HiddenState, check_layout
 from .store_decoder import UnsupportedInstruction, decode, planned_writes
 from .vcpu import VCpu
 
@@ -494,9 +494,40 @@ class RealVCpu(Intercepts, VCpu):
     # QEMU's isa-debug-exit ends the process at once; unicorn stops at the end of the
     # translation block, so the few instructions left in it run: their port
     # accesses are dropped (a kernel's exit path is an OUT then HLT or a loop).
+    def _io_denied(self, port: int, size: int) -> bool:
+        """SDM 19.5: in protected mode with CPL > IOPL, the TSS's I/O permission bitmap
+        decides; a port it does not allow is #GP(0).  Unicorn calls the port hooks
+        without QEMU's check, so the check is made here (and the #GP delivered)."""
+        st = self.st.load()
+        if not st.hflags & HF_PE or st.cpl <= (st.eflags >> 12) & 3:
+            return False
+        _, base, limit, flags = st.segment(OFF_TR)
+        allowed = False
+        if (flags >> 8) & 0xF in (9, 11) and limit >= 103:
+            try:
+                io_base = self.read_linear(base + 0x66, 2)
+                at = io_base + (port >> 3)
+                if at + 1 <= limit:
+                    bits = self.read_linear(base + at, 2) >> (port & 7)
+                    allowed = not bits & ((1 << size) - 1)
+            except PageFault:
+                allowed = False
+        if not allowed:
+            # The architecture says #GP(0) here.  Unicorn 2.1.4 runs port hooks without
+            # QEMU's I/O permission check and a hook cannot abort its instruction (the rest
+            # of the translation block would run in the handler's context), so the
+            # machine stops instead of going on with a wrong answer; the device never sees
+            # the access.
+            self._stop(f"the guest's access to port {port:#x} at CPL {st.cpl} "
+                       f"(IOPL {(st.eflags >> 12) & 3}) needs #GP(0), which unicorn's port hooks cannot "
+                       f"raise: stopped (RIP {self.reg('rip'):#x})")
+        return not allowed
+
     def _on_in(self, uc, port, size, _):
         if self.stopping:
             return 0xFFFFFFFF
+        if self._io_denied(port, size):
+            return 0
         if not self.native:
             self.events.exits["io"] += 1
         self.io_counts[port] += 1
@@ -504,6 +535,8 @@ class RealVCpu(Intercepts, VCpu):
 
     def _on_out(self, uc, port, size, value, _):
         if self.stopping:
+            return
+        if self._io_denied(port, size):
             return
         if not self.native:
             self.events.exits["io"] += 1
