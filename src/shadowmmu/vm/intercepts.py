@@ -24,7 +24,7 @@ from ..x86.bits import CR0_PE, CR0_PG, CR4_LA57, CR4_PAE, EFER_LMA, EFER_LME, EF
 from ..x86.faults import GeneralProtection
 from . import delivery
 from .qemu_state import CS, HF_CS32, HF_CS64
-from .store_decoder import _GPR, decode
+from .store_decoder import _GPR, decode, operand_address
 
 MSR_EFER = 0xC0000080
 CANONICAL_MSRS = {0xC0000100: "FS.base", 0xC0000101: "GS.base", 0xC0000102: "KERNEL_GS_BASE"}
@@ -190,20 +190,9 @@ class Intercepts:
         return True
 
     def _invlpg(self, insn, st, bitness) -> None:
-        from .store_decoder import _INFO, _SEGMENTS
-        for m in _INFO.info(insn).used_memory():
-            ea = m.displacement
-            if m.base != iced.Register.NONE:
-                u, mask = _GPR[m.base]
-                ea += self.uc.reg_read(u) & mask
-            if m.index != iced.Register.NONE:
-                u, mask = _GPR[m.index]
-                ea += (self.uc.reg_read(u) & mask) * m.scale
-            seg = _SEGMENTS.get(m.segment)
-            if seg is not None and (bitness != 64 or seg >= 4):
-                ea += st.segment(seg)[1]
-            self.invlpg(ea & ((1 << 64) - 1 if bitness == 64 else 0xFFFFFFFF))
-            return
+        def seg_base(i):
+            return 0 if bitness == 64 and i < 4 else st.segment(i)[1]
+        self.invlpg(operand_address(insn, self.uc.reg_read, seg_base, bitness))
 
     def _wrmsr(self) -> bool:
         uc = self.uc

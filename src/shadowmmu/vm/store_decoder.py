@@ -33,6 +33,7 @@ for _n64, _n32, _n16, _n8 in (("RAX", "EAX", "AX", "AL"), ("RCX", "ECX", "CX", "
         _GPR[getattr(iced.Register, _name)] = (_u, _mask)
 _SEGMENTS = {getattr(iced.Register, n): i for i, n in enumerate(("ES", "CS", "SS", "DS", "FS", "GS"))}
 _NONE = iced.Register.NONE
+_BIT_STRING = {iced.Mnemonic.BTS, iced.Mnemonic.BTR, iced.Mnemonic.BTC}
 
 
 class UnsupportedInstruction(Exception):
@@ -67,15 +68,46 @@ def planned_writes(insn: iced.Instruction, reg, seg_base) -> list[tuple[int, int
                 continue
         if m.vsib_size:
             raise UnsupportedInstruction(f"'{insn}' writes through a vector index")
-        ea = m.displacement
-        if m.base != _NONE:
-            u, mask = _GPR[m.base]
-            ea += reg(u) & mask
-        if m.index != _NONE:
-            u, mask = _GPR[m.index]
-            ea += (reg(u) & mask) * m.scale
-        ea &= amask
-        seg = _SEGMENTS.get(m.segment)
-        base = seg_base(seg) if seg is not None else 0
-        writes.append(((base + ea) & ((1 << 64) - 1), size))
+        address = linear_address(m, reg, seg_base)
+        if insn.mnemonic in _BIT_STRING and insn.op1_kind == iced.OpKind.REGISTER:
+            # BTS/BTR/BTC with a register bit offset address a bit string: the operand
+            # moves by the offset's signed quotient by the operand's width (SDM "BTS")
+            u, mask = _GPR[insn.op1_register]
+            bits = 8 * size
+            offset = reg(u) & mask
+            if offset & (mask + 1) >> 1:
+                offset -= mask + 1
+            address = (address + (offset // bits) * size) & ((1 << 64) - 1)
+        writes.append((address, size))
     return writes
+
+
+def linear_address(m: iced.UsedMemory, reg, seg_base) -> int:
+    """The linear address of a memory operand: segment base + base + index * scale +
+    displacement, the offset wrapped to the address size."""
+    asize = (16, 32, 64)[m.address_size - 1] if m.address_size else 64
+    ea = m.displacement
+    if m.base != _NONE:
+        u, mask = _GPR[m.base]
+        ea += reg(u) & mask
+    if m.index != _NONE:
+        u, mask = _GPR[m.index]
+        ea += (reg(u) & mask) * m.scale
+    seg = _SEGMENTS.get(m.segment)
+    base = seg_base(seg) if seg is not None else 0
+    return (base + (ea & ((1 << asize) - 1))) & ((1 << 64) - 1)
+
+
+def operand_address(insn: iced.Instruction, reg, seg_base, bitness: int) -> int:
+    """The linear address ``insn``'s memory operand names, for an instruction that names
+    one without accessing it (INVLPG: iced lists no used memory for it)."""
+    ea = insn.memory_displacement
+    if insn.memory_base not in (_NONE, iced.Register.RIP, iced.Register.EIP):
+        u, mask = _GPR[insn.memory_base]
+        ea += reg(u) & mask
+    if insn.memory_index != _NONE:
+        u, mask = _GPR[insn.memory_index]
+        ea += (reg(u) & mask) * insn.memory_index_scale
+    seg = _SEGMENTS.get(insn.memory_segment)
+    base = seg_base(seg) if seg is not None else 0
+    return (base + ea) & ((1 << 64) - 1 if bitness == 64 else 0xFFFFFFFF)
