@@ -16,7 +16,7 @@ import pytest
 from shadowmmu.analysis.real_fault_meter import RealFaultMeter
 from shadowmmu.cli import main
 from shadowmmu.vm.machine import Machine
-from shadowmmu.vm.qemu_state import check_layout
+from shadowmmu.vm.qemu_state import _probe_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("native", "zap", "update")
@@ -78,7 +78,17 @@ def boot(image: bytes, mode: str, cmdline: str = "kernel", meter: bool = False, 
 
 
 def test_the_context_offsets_hold_on_this_unicorn():
-    check_layout()       # raises LayoutError naming the first field found elsewhere
+    _probe_layout()      # raises LayoutError naming the first field found elsewhere
+
+
+@pytest.mark.parametrize("field,value,name", [("OFF_ERROR_CODE", 5380, "error_code"), ("OFF_PKRU", 5300, "PKRU"),
+                                              ("OFF_HFLAGS", 180, "hflags"), ("OFF_CR", 432, "CR4")])
+def test_a_wrong_context_offset_is_caught_at_start_up(monkeypatch, field, value, name):
+    from shadowmmu.vm import qemu_state
+    monkeypatch.setattr(qemu_state, field, value)
+    with pytest.raises(qemu_state.LayoutError) as e:
+        _probe_layout()
+    assert name in str(e.value)
 
 
 @pytest.mark.parametrize("mode", MODES)

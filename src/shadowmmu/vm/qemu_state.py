@@ -180,7 +180,18 @@ class HiddenState:
         self._hflags.value = h
 
 
+_checked = False
+
+
 def check_layout() -> None:
+    """Once per process (the result cannot change): ``_probe_layout``."""
+    global _checked
+    if not _checked:
+        _probe_layout()
+        _checked = True
+
+
+def _probe_layout() -> None:
     """Provoke known state in a scratch engine and check the offsets against it:
     the register fields against the register API, ``error_code``/``exception_is_int``/
     ``old_exception`` against a #GP with a known error code and an INT n.
@@ -210,6 +221,9 @@ def check_layout() -> None:
     expect("GDTR.limit", st.segment(OFF_GDT)[2], 0x17)
     expect("EFER", ctypes.c_uint64.from_address(st.base + OFF_EFER).value, uc.msr_read(0xC0000080))
     expect("CR2", st.cr2, 0x12345000)
+    # unicorn's 32-bit mode starts in flat protected mode at CPL 0
+    expect("hflags (PE, CS32, SS32, CPL)", st.hflags & (HF_PE | HF_CS32 | HF_SS32 | HF_CPL_MASK),
+           HF_PE | HF_CS32 | HF_SS32)
     expect("EFLAGS.AC", st.eflags & 0x40000, 0x40000)
     uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
 
