@@ -22,6 +22,7 @@ from functools import lru_cache
 
 from ..guest import GUEST_FORMATS, WORKLOADS
 from ..guest.kernel import FRAMES, RESERVED_FRAMES
+from ..mmu.mmu import POLICY_NAMES
 from ..vm import VM
 from .costs import (
     CR_WORK, CR_WORK_RANGE, KBUILD_NATIVE_S, KBUILD_SHADOW_S, KBUILD_SLOWDOWN, estimate, exit_cycles,
@@ -80,8 +81,8 @@ def ram_for(workload: str, size, guest: str) -> int:
 
 def make_vm(policy: str, workload: str, size=None, guest: str = "64", *, tracing: bool = False) -> VM:
     """A VM sized for the workload (see ``ram_for``)."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if policy not in POLICIES and policy not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(('native', *POLICY_NAMES))}")
     return VM(ram_for(workload, size, guest), native=policy == "native",
               pte_write="update" if policy == "native" else policy, pool_pages=4096, tracing=tracing)
 

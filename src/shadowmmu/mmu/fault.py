@@ -162,7 +162,35 @@ class FaultPath:
             self.set_spte(sp, idx, (child.hpfn << 12) | SPTE_TABLE)
             sp, level = child, child_level
         self.lru.move_to_end(sp)
-        return self.install_leaf(vcpu, sp, (vaddr >> 12) & 511, walk, access)
+        idx = (vaddr >> 12) & 511
+        result = self.install_leaf(vcpu, sp, idx, walk, access)
+        if self.prefetch_ptes and result is _FIXED and not sp.role.direct and not sp.zapped:
+            self.prefetch(vcpu, sp, idx)
+        return result
+
+    def prefetch(self, vcpu, sp: ShadowPage, idx: int) -> None:
+        """KVM's pte prefetch (2010, ``FNAME(pte_prefetch)``): after a fault installs a
+        leaf, map the other ptes of its aligned group of ``prefetch_ptes`` that the
+        guest has present, accessed and free of reserved bits, with the page's
+        inherited access; a clean one read-only.  A pte the guest never accessed is
+        left to fault (its A bit must be set by an access), and so is one with a
+        reserved bit (KVM once prefetched those: the access must fault with RSVD).
+        Only guest page tables are prefetched here, not the direct pages of large pages."""
+        n = self.prefetch_ptes
+        spt = sp.spt
+        wide = sp.role.glevels >= 3
+        table = sp.gfn << 12
+        quarter = sp.role.quadrant << 9          # a 32-bit table's half that this page shadows
+        access = sp.role.access
+        for i in range(idx & ~(n - 1), (idx & ~(n - 1)) + n):
+            if i == idx or spt[i] & SPTE_P:
+                continue
+            gpte = (self.gmem.read_uint(table + 8 * i, 8) if wide else
+                    self.gmem.read_uint(table + 4 * (quarter | i), 4))
+            spte = self.spte_from_gpte(vcpu, sp, gpte, access)
+            if spte:
+                self.stats["prefetched"] += 1
+                self.set_spte(sp, i, spte)
 
     def install_leaf(self, vcpu, sp: ShadowPage, idx: int, walk, access: int) -> PfResult:
         """The leaf spte of the fault path (the seed's set_pte + fix_write_pf):

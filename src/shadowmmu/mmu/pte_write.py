@@ -115,19 +115,26 @@ class PteWrites:
         read-only so the first write sets D) and has no reserved bit.  Rights: the
         page's inherited access AND the pte's, or, with ``seed_access_bug``, the
         seed's constant U|W that ignores the upper levels."""
-        if ~gpte & (PTE_P | PTE_A):
-            return
-        g = vcpu.guest
         cur = vcpu.mmu_state.base_role
         if (sp.role.glevels, sp.role.nxe, sp.role.cr0_wp) != (cur.glevels, cur.nxe, cur.cr0_wp):
             return      # a page cached for another guest mode: the reserved-bit rules differ
+        spte = self.spte_from_gpte(vcpu, sp, gpte, R_ALL if self.seed_access_bug else sp.role.access)
+        if spte:
+            self.stats["pte_updates"] += 1
+            self.set_spte(sp, idx, spte)
+
+    def spte_from_gpte(self, vcpu, sp: ShadowPage, gpte: int, access: int) -> int:
+        """The leaf spte a guest pte of ``sp``'s table calls for, with rights
+        ``access`` & the pte's, or 0 when it must trap instead: not present, A=0 (the
+        access must set it), a reserved bit (the access must fault), or no RAM behind
+        it.  A clean pte maps read-only (the first write sets D).  Used where KVM
+        installs an spte without a fault: update_pte (the seed) and pte prefetch."""
+        if ~gpte & (PTE_P | PTE_A):
+            return 0
         wide = sp.role.glevels >= 3
-        if wide and gpte & g.rows[-1].rsvd_table:     # the level-1 reserved bits for this CPU state
-            return
-        rights = gpte_rights(gpte, wide, sp.role.nxe) & (R_ALL if self.seed_access_bug else sp.role.access)
+        if wide and gpte & vcpu.guest.rows[-1].rsvd_table:    # the level-1 reserved bits for this CPU state
+            return 0
+        rights = gpte_rights(gpte, wide, sp.role.nxe) & access
         gfn = (gpte & (SPTE_ADDR if wide else 0xFFFFF000)) >> 12
         spte = self.leaf_spte(sp, gfn, rights, bool(gpte & PTE_D), gpte)
-        if not spte & SPTE_P:
-            return
-        self.stats["pte_updates"] += 1
-        self.set_spte(sp, idx, spte)
+        return spte if spte & SPTE_P else 0

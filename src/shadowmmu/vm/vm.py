@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..mmu.audit import audit
-from ..mmu.mmu import ShadowMMU
+from ..mmu.mmu import ShadowMMU, split_policy
 from ..x86.memory import physical_memory
 from .events import EventLog
 from .memslots import GuestPhysical, Memslot, MmioRegion
@@ -28,15 +28,17 @@ class VM:
     ``memory`` is the host memory's backend: "dict" (a bytearray per frame) or
     "mmap" (one anonymous mapping, see ``x86.memory.MappedPhysicalMemory``).
     ``vm.policy`` and ``vm.exits`` (exits by reason) read the result back.
+    ``prefetch``: pte prefetch group (0 off, KVM's 8; see ``ShadowMMU.prefetch``).
     ``nr_vcpus=0``: the caller attaches its own vCPU (the real one, ``vm.real_cpu``)."""
 
     def __init__(self, ram_size: int = 256 << 20, *, native: bool = False, policy: str | None = None,
                  pte_write: str | None = None, seed_access_bug: bool = False, pool_pages: int = 4096,
                  nr_vcpus: int = 1, maxphyaddr: int = 40, tracing: bool = False,
-                 audit: bool | int | None = None, memory: str = "dict"):
+                 audit: bool | int | None = None, memory: str = "dict", prefetch: int = 0):
         if policy is not None and pte_write is not None and policy != pte_write:
             raise ValueError(f"policy={policy!r} and pte_write={pte_write!r} name the same knob: give one")
-        pte_write = policy or pte_write or "update"
+        pte_write, named_prefetch = split_policy(policy or pte_write or "update")
+        prefetch = prefetch or named_prefetch
         if not isinstance(ram_size, int) or ram_size <= 0 or ram_size % 4096:
             raise ValueError(f"guest RAM size must be a positive multiple of 4096 bytes, got {ram_size!r}")
         if ram_size > MAX_RAM:
@@ -62,7 +64,7 @@ class VM:
         if not native:
             self.mmu = ShadowMMU(self.host, self.gmem, list(range(pool_base, pool_base + extra)),
                                  pte_write=pte_write, seed_access_bug=seed_access_bug, events=self.events,
-                                 audit=audit)
+                                 audit=audit, prefetch=prefetch)
         self.vcpus = [VCpu(self, i) for i in range(nr_vcpus)]
 
     @property
@@ -71,7 +73,10 @@ class VM:
 
     @property
     def policy(self) -> str:
-        return "native" if self.native else self.mmu.policy
+        if self.native:
+            return "native"
+        n = self.mmu.prefetch_ptes
+        return self.mmu.policy + (f"+prefetch{'' if n == 8 else n}" if n else "")
 
     def add_mmio(self, gpa: int, size: int, handler, name: str = "mmio") -> None:
         """A device at [gpa, gpa+size): handler.read(gpa, size) / handler.write(gpa, size, value)."""
