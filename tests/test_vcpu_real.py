@@ -339,3 +339,14 @@ def test_the_audit_stops_a_real_guest_at_the_seeds_bad_spte(kernels):
     r = boot((kernels / "selftest-64.elf").read_bytes(), "update", "selftest seed_update_rights",
              seed_access_bug=True, audit=True)
     assert r.status is None and r.stop_reason.startswith("AuditError")
+
+
+@pytest.mark.parametrize("fmt", ["pae", "64"])
+def test_prefetch_on_real_code_changes_nothing_the_guest_can_see(kernels, fmt):
+    """The self-test (with its prefetch bait: a present neighbour with a reserved bit) under
+    KVM's pte prefetch: the same output and memory as natively."""
+    image = (kernels / f"selftest-{fmt}.elf").read_bytes()
+    native = boot(image, "native", "selftest")
+    r = boot(image, "update+prefetch", "selftest")
+    assert r.status == 1 and r.serial == native.serial and r.memory_sha256 == native.memory_sha256
+    assert r.mmu_stats["prefetched"] > 0
