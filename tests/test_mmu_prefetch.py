@@ -113,3 +113,17 @@ def test_policy_names():
         VM(16 << 20, prefetch=3)
     assert VM(16 << 20, policy="update+prefetch").policy == "update+prefetch"
     assert VM(16 << 20, policy="zap+prefetch16").policy == "zap+prefetch16"
+
+
+def test_compare_has_a_prefetch_row(capsys, monkeypatch):
+    import json
+
+    from shadowmmu.cli import main
+    from shadowmmu.mmu.mmu import ShadowMMU
+    monkeypatch.setattr(ShadowMMU, "audit_by_default", 4096)     # whole guest boots: sampled, as in test_cli
+    assert main(["compare", "demand", "--guest", "64", "--size", "16", "--frames", "cold", "--prefetch",
+                 "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)["reports"]
+    assert [r["policy"] for r in reports] == ["native", "zap", "update", "update+prefetch"]
+    # a demand fault writes one pte: its neighbours are never present yet, nothing to prefetch
+    assert reports[3]["exits"] == reports[2]["exits"]
