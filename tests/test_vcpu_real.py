@@ -54,14 +54,15 @@ def small(tmp_path_factory) -> dict:
     out, lock = _shared_build_dir(tmp_path_factory, "small-kernels", ROOT / "tests" / "kernels")
     images = {}
     try:
-        for src, entries in (("hello.S", ["_start"]), ("bad.S", ["triple", "hang", "halt", "unmapped"])):
+        for src, entries in (("hello.S", {"_start": "_start"}), ("crcheck.S", {"crcheck": "_start"}),
+                             ("bad.S", {e: e for e in ("triple", "hang", "halt", "unmapped")})):
             obj = out / (src + ".o")
             subprocess.run(["as", "--32", "-o", str(obj), str(ROOT / "tests" / "kernels" / src)], check=True)
-            for e in entries:
-                elf = out / f"{e}.elf"
-                subprocess.run(["ld", "-m", "elf_i386", "-N", "-Ttext=0x100000", "-e", e, "-o", str(elf),
+            for name, entry in entries.items():
+                elf = out / f"{name}.elf"
+                subprocess.run(["ld", "-m", "elf_i386", "-N", "-Ttext=0x100000", "-e", entry, "-o", str(elf),
                                 str(obj)], check=True, capture_output=True)
-                images[e] = elf.read_bytes()
+                images[name] = elf.read_bytes()
     finally:
         lock.close()
     return images
@@ -112,6 +113,15 @@ def test_counted_instructions_are_the_programs(small, mode):
 
 def test_hello_leaves_the_same_memory_in_every_mode(small):
     assert len({boot(small["_start"], m).memory_sha256 for m in MODES}) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_control_register_writes_kvm_refuses_are_gp0(small, mode):
+    """CR4.SMXE, CR0.NW without CD, a reserved EFER bit, CR0.PG without PE: four #GP(0),
+    then an allowed CR4 write (tests/kernels/crcheck.S), natively as under the MMU."""
+    r = boot(small["crcheck"], mode)
+    assert r.status == (4 << 1) | 1, r.stop_reason       # four faults, every error code 0
+    assert r.deliveries == {13: 4}
 
 
 @pytest.mark.parametrize("mode", MODES)
