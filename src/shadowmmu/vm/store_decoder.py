@@ -83,31 +83,30 @@ def planned_writes(insn: iced.Instruction, reg, seg_base) -> list[tuple[int, int
 
 
 def linear_address(m: iced.UsedMemory, reg, seg_base) -> int:
-    """The linear address of a memory operand: segment base + base + index * scale +
-    displacement, the offset wrapped to the address size."""
+    """The linear address of a memory operand iced lists as used."""
     asize = (16, 32, 64)[m.address_size - 1] if m.address_size else 64
-    ea = m.displacement
-    if m.base != _NONE:
-        u, mask = _GPR[m.base]
-        ea += reg(u) & mask
-    if m.index != _NONE:
-        u, mask = _GPR[m.index]
-        ea += (reg(u) & mask) * m.scale
-    seg = _SEGMENTS.get(m.segment)
-    base = seg_base(seg) if seg is not None else 0
-    return (base + (ea & ((1 << asize) - 1))) & ((1 << 64) - 1)
+    return _address(m.base, m.index, m.scale, m.displacement, m.segment, asize, reg, seg_base)
 
 
 def operand_address(insn: iced.Instruction, reg, seg_base, bitness: int) -> int:
     """The linear address ``insn``'s memory operand names, for an instruction that names
-    one without accessing it (INVLPG: iced lists no used memory for it)."""
-    ea = insn.memory_displacement
-    if insn.memory_base not in (_NONE, iced.Register.RIP, iced.Register.EIP):
-        u, mask = _GPR[insn.memory_base]
+    one without accessing it (INVLPG: iced lists no used memory for it).  A RIP-relative
+    operand's displacement is already absolute."""
+    base = insn.memory_base
+    if base in (iced.Register.RIP, iced.Register.EIP):
+        base = _NONE
+    return _address(base, insn.memory_index, insn.memory_index_scale, insn.memory_displacement,
+                    insn.memory_segment, 64 if bitness == 64 else 32, reg, seg_base)
+
+
+def _address(base: int, index: int, scale: int, disp: int, segment: int, asize: int, reg, seg_base) -> int:
+    """segment base + (base + index * scale + displacement, wrapped to the address size)."""
+    ea = disp
+    if base != _NONE:
+        u, mask = _GPR[base]
         ea += reg(u) & mask
-    if insn.memory_index != _NONE:
-        u, mask = _GPR[insn.memory_index]
-        ea += (reg(u) & mask) * insn.memory_index_scale
-    seg = _SEGMENTS.get(insn.memory_segment)
-    base = seg_base(seg) if seg is not None else 0
-    return (base + ea) & ((1 << 64) - 1 if bitness == 64 else 0xFFFFFFFF)
+    if index != _NONE:
+        u, mask = _GPR[index]
+        ea += (reg(u) & mask) * scale
+    seg = _SEGMENTS.get(segment)
+    return ((seg_base(seg) if seg is not None else 0) + (ea & ((1 << asize) - 1))) & ((1 << 64) - 1)
