@@ -69,7 +69,7 @@ def small(tmp_path_factory) -> dict:
 
 
 def boot(image: bytes, mode: str, cmdline: str = "kernel", meter: bool = False, timeout: float = 120, **kw):
-    m = Machine(image, cmdline, native=mode == "native", policy="update" if mode == "native" else mode, **kw)
+    m = Machine(image, cmdline, policy=mode, **kw)
     fm = RealFaultMeter(m.cpu) if meter else None
     r = m.run(timeout=timeout)
     if fm is not None:
@@ -104,7 +104,7 @@ def test_hello_prints_and_exits_with_exact_exits(small, mode):
 
 @pytest.mark.parametrize("mode", ["native", "update"])
 def test_counted_instructions_are_the_programs(small, mode):
-    m = Machine(small["_start"], native=mode == "native")
+    m = Machine(small["_start"], policy=mode)
     m.cpu.count_instructions()
     # 3 (cmp, jne, mov) + 12 per character x 20 + 3 at the NUL + 2 (mov, out 0xf4), and the
     # mov after the exit's OUT: unicorn ends the translation block, not the instruction
@@ -138,7 +138,7 @@ def test_triple_fault_names_the_vector_and_rip(small, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_hang_stops_at_the_timeout(small, mode):
-    m = Machine(small["hang"], native=mode == "native", policy="update" if mode == "native" else mode)
+    m = Machine(small["hang"], policy=mode)
     r = m.run(timeout=0.5)
     assert r.status is None and r.stop_reason.startswith("timeout: the guest ran 0.5 s without exiting")
 

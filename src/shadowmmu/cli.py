@@ -464,21 +464,13 @@ def _fmt(x, digits=2):
     return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
-def _steady_text(pf: dict) -> str:
-    """The steady-state exits per fault: an integer when every such fault cost the same."""
-    if pf["steady"] is None:
-        return "-"
-    hist = pf["steady_histogram"] or {}
-    return str(next(iter(hist))) if len(hist) == 1 else f"{pf['steady']:.2f}"
-
-
 def _other_text(pf: dict) -> str:
     return "-" if not pf["other_faults"] else f"{pf['other']:.2f} ×{pf['other_faults']}"
 
 
 def cmd_run(args) -> int:
     import json
-    from .analysis.report import guest_label, run_report
+    from .analysis.report import guest_label, run_report, steady_text
     _validate_run_args(args)
     console = _console(args.json)
     policy = "native" if args.native else args.policy
@@ -518,7 +510,7 @@ def cmd_run(args) -> int:
         if pf["mean"] is None:
             console.print(f"no {kind} faults")
             continue
-        console.print(f"VM exits per {kind} fault: {_steady_text(pf)} over {pf['steady_faults']:,} steady faults "
+        console.print(f"VM exits per {kind} fault: {steady_text(pf)} over {pf['steady_faults']:,} steady faults "
                       f"(table existed, stayed shadowed); {_other_text(pf)} other; mean {_fmt(pf['mean'])}")
     console.print(f"estimated time ({est['preset']}): shadow {est['shadow']['seconds'] * 1e3:.3f} ms, "
                   f"native {est['native']['seconds'] * 1e3:.3f} ms, slowdown {est['slowdown']:.2f}x "
@@ -658,7 +650,7 @@ def boot_table(result) -> Table:
 
 def cmd_compare(args) -> int:
     import json
-    from .analysis.report import DEFAULT_COMPARE, guest_label
+    from .analysis.report import DEFAULT_COMPARE, guest_label, steady_text
     args.workloads = args.workloads or list(DEFAULT_COMPARE)
     args.guest = args.guest or list(GUEST_FORMATS)
     _validate_run_args(args)
@@ -693,7 +685,7 @@ def cmd_compare(args) -> int:
         pf = r["exits_per_fault"]
         cells = []
         for kind in ("demand", "cow"):
-            cells += ["0", ""] if native else [_steady_text(pf[kind]), _other_text(pf[kind])]
+            cells += ["0", ""] if native else [steady_text(pf[kind]), _other_text(pf[kind])]
         if last is not None and last != wl:
             t.add_section()
         last = wl
@@ -715,6 +707,7 @@ def _compare_real(args, console) -> None:
     """The model's steady exits per fault next to the mm kernel's on the real vCPU."""
     from pathlib import Path
     from .analysis.real_compare import compare_real
+    from .analysis.report import guest_label
     kernels = Path(args.kernels)
     if not (kernels / "mm-64.elf").exists():
         raise UsageError(f"{kernels}: no built mm kernel: build the kernels first (make kernels)")
@@ -736,14 +729,9 @@ def _compare_real(args, console) -> None:
         for kind in ("demand", "cow"):
             k = r[kind]
             cells += [f"{k['model']} ({k['model_faults']})", f"{k['real']} ({k['real_faults']})"]
-        t.add_row(r["workload"], r["frames"], guest_label_short(r["guest"], args.pae_stores), r["policy"], *cells,
+        t.add_row(r["workload"], r["frames"], guest_label(r["guest"], args.pae_stores), r["policy"], *cells,
                   r["kernel"])
     console.print(t)
-
-
-def guest_label_short(guest: str, pae_stores: str) -> str:
-    from .analysis.report import guest_label
-    return guest_label(guest, pae_stores)
 
 
 COMPARE_KEY = (

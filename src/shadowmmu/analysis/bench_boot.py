@@ -19,8 +19,7 @@ MODES = ("native", "zap", "update")
 
 
 def _boot(image: bytes, cmd: str, mode: str, count: bool = False):
-    m = Machine(image, "mm " + cmd, native=mode == "native", policy="update" if mode == "native" else mode,
-                audit=False)
+    m = Machine(image, "mm " + cmd, policy=mode, audit=False)
     if count:
         m.cpu.count_instructions()
     r = m.run(timeout=600)

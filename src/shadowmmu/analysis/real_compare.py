@@ -20,27 +20,17 @@ from pathlib import Path
 
 from ..vm.machine import Machine
 from .real_fault_meter import RealFaultMeter
-from .report import fault_cases, simulate
+from .report import fault_cases, simulate, steady_text
 
 MM_PROGRAMS = {"demand": "demand 200", "forkwait": "forkwait 30", "kbuild": "kbuild 2"}
 # model guest format (and its PAE store width) -> the mm kernel built for it
 FORMATS = {("32", "halves"): "32", ("pae", "halves"): "pae", ("pae", "whole"): "pae-pte64", ("64", "halves"): "64"}
 
 
-def _text(steady_faults: int, histogram: dict | None) -> str:
-    if not steady_faults:
-        return "-"
-    hist = histogram or {}
-    if len(hist) == 1:
-        return str(next(iter(hist)))
-    return f"{sum(int(e) * n for e, n in hist.items()) / steady_faults:.2f}"
-
-
 def real_run(kernels: Path, fmt: str, workload: str, policy: str, frames: str = "warm") -> dict:
     image = (kernels / f"mm-{fmt}.elf").read_bytes()
     cmd = "mm " + MM_PROGRAMS[workload] + (" warm" if frames == "warm" else "")
-    m = Machine(image, cmd, native=policy == "native",
-                policy="update" if policy == "native" else policy, audit=False)
+    m = Machine(image, cmd, policy=policy, audit=False)
     meter = RealFaultMeter(m.cpu)
     r = m.run(timeout=600)
     meter.finish()
@@ -68,14 +58,14 @@ def compare_real(kernels: Path, workloads, guests, pae_stores: str = "halves", f
 
 
 def _row(kernels, workload, frames, guest, fmt, policy, pae_stores, model_size) -> dict:
-        real = real_run(kernels, fmt, workload, policy, frames)["faults"]
-        model = simulate(workload, policy, guest, model_size, frames=frames, pae_stores=pae_stores)
-        row = {"workload": workload, "frames": frames, "guest": guest, "policy": policy,
-               "kernel": f"mm-{fmt}.elf " + MM_PROGRAMS[workload] + (" warm" if frames == "warm" else "")}
-        for kind in ("demand", "cow"):
-            mc = fault_cases(model, kind)
-            rs = real[kind]["steady"]
-            row[kind] = {"model": _text(mc["steady_faults"], mc["steady_histogram"]),
-                         "model_faults": mc["steady_faults"],
-                         "real": _text(rs["faults"], rs["histogram"]), "real_faults": rs["faults"]}
-        return row
+    real = real_run(kernels, fmt, workload, policy, frames)["faults"]
+    model = simulate(workload, policy, guest, model_size, frames=frames, pae_stores=pae_stores)
+    row = {"workload": workload, "frames": frames, "guest": guest, "policy": policy,
+           "kernel": f"mm-{fmt}.elf " + MM_PROGRAMS[workload] + (" warm" if frames == "warm" else "")}
+    for kind in ("demand", "cow"):
+        mc = fault_cases(model, kind)
+        rs = real[kind]["steady"]
+        row[kind] = {"model": steady_text(mc), "model_faults": mc["steady_faults"],
+                     "real": steady_text({"steady": rs["mean"], "steady_histogram": rs["histogram"]}),
+                     "real_faults": rs["faults"]}
+    return row

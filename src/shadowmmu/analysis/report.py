@@ -115,6 +115,15 @@ def _per_fault(result: dict, kind: str) -> float | None:
     return fe["exits"] / fe["faults"]
 
 
+def steady_text(pf: dict) -> str:
+    """The steady-state exits per fault of a ``fault_cases`` result: an integer when
+    every such fault cost the same, else their mean; "-" when there were none."""
+    if pf["steady"] is None:
+        return "-"
+    hist = pf["steady_histogram"] or {}
+    return str(next(iter(hist))) if len(hist) == 1 else f"{pf['steady']:.2f}"
+
+
 def fault_cases(result: dict, kind: str) -> dict:
     """Exits per fault of one kind, split by what happened (see fault_meter.py):
     ``steady`` (mean over faults whose table existed and stayed shadowed) and

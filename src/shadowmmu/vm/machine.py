@@ -56,8 +56,8 @@ class BootResult:
 
 class Machine:
     """``image``: the kernel's bytes; ``cmdline``: the multiboot command line (QEMU
-    passes the image path then -append's words).  ``native``: the hardware walks the
-    guest's own tables; else the shadow MMU with pte-write ``policy``."""
+    passes the image path then -append's words).  ``native`` (or ``policy="native"``):
+    the hardware walks the guest's own tables; else the shadow MMU with ``policy``."""
 
     def __init__(self, image: bytes, cmdline: str = "kernel", *, native: bool = False, policy: str = "update",
                  ram_mib: int = 64, seed_access_bug: bool = False, audit: bool | int | None = None,
@@ -65,7 +65,7 @@ class Machine:
         ram = ram_mib << 20
         self.boot = boot = load_multiboot(image, cmdline=cmdline, ram_size=ram, module=module)
         self.devices = PcDevices(ram, serial_sink=serial_sink)
-        self.vm = vm = VM(ram, native=native, policy=None if native else policy, memory="mmap", audit=audit,
+        self.vm = vm = VM(ram, native=native, policy="native" if native else policy, memory="mmap", audit=audit,
                           seed_access_bug=seed_access_bug, pool_pages=pool_pages, nr_vcpus=0)
         for gpa, size, handler, name in self.devices.mmio:
             vm.add_mmio(gpa, size, handler, name)

@@ -145,18 +145,20 @@ class HiddenState:
 
     def segment(self, which: int) -> tuple[int, int, int, int]:
         """(selector, base, limit, flags) of ES..GS (0..5), or of LDT/TR/GDT/IDT by offset."""
-        off = OFF_SEGS + 24 * which if which < 6 else which
-        a = self.base + off
+        a = self._segment_address(which)
         return (ctypes.c_uint32.from_address(a).value, ctypes.c_uint64.from_address(a + 8).value,
                 ctypes.c_uint32.from_address(a + 16).value, ctypes.c_uint32.from_address(a + 20).value)
 
     def set_segment(self, which: int, selector: int, base: int, limit: int, flags: int) -> None:
-        off = OFF_SEGS + 24 * which if which < 6 else which
-        a = self.base + off
+        a = self._segment_address(which)
         ctypes.c_uint32.from_address(a).value = selector
         ctypes.c_uint64.from_address(a + 8).value = base
         ctypes.c_uint32.from_address(a + 16).value = limit
         ctypes.c_uint32.from_address(a + 20).value = flags
+
+    def _segment_address(self, which: int) -> int:
+        """ES..GS are 0..5; LDT/TR/GDT/IDT are named by their offsets (OFF_LDT, ...)."""
+        return self.base + (OFF_SEGS + 24 * which if which < 6 else which)
 
     def recompute_segment_hflags(self) -> None:
         """CPL, CS32/SS32/CS64 and ADDSEG from the CS and SS caches, as QEMU's

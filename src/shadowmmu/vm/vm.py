@@ -35,6 +35,8 @@ class VM:
                  pte_write: str | None = None, seed_access_bug: bool = False, pool_pages: int = 4096,
                  nr_vcpus: int = 1, maxphyaddr: int = 40, tracing: bool = False,
                  audit: bool | int | None = None, memory: str = "dict", prefetch: int = 0):
+        if policy == "native":                   # the run's mode as the command line names it
+            native, policy = True, None
         if policy is not None and pte_write is not None and policy != pte_write:
             raise ValueError(f"policy={policy!r} and pte_write={pte_write!r} name the same knob: give one")
         pte_write, named_prefetch = split_policy(policy or pte_write or "update")
