@@ -5,7 +5,7 @@ reserved bits are mapped too; a clean one read-only; nothing else."""
 import pytest
 
 from shadowmmu.guest.minimal import USER_BASE, A, D, MiniGuest, P, U, W
-from shadowmmu.mmu.mmu import split_policy
+from shadowmmu.mmu.policy import MmuPolicy, parse_policy
 from shadowmmu.mmu.spte import SPTE_P, SPTE_W
 from shadowmmu.vm import VM
 
@@ -104,11 +104,16 @@ def test_prefetch_takes_the_inherited_rights():
 
 
 def test_policy_names():
-    assert split_policy("update+prefetch") == ("update", 8)
-    assert split_policy("zap+prefetch4") == ("zap", 4)
-    assert split_policy("zap") == ("zap", 0)
-    with pytest.raises(ValueError):
-        split_policy("update+bypass")
+    assert parse_policy("update+prefetch") == MmuPolicy("update", 8)
+    assert parse_policy("zap+prefetch4") == MmuPolicy("zap", 4)
+    assert parse_policy("zap") == MmuPolicy("zap", 0)
+    assert parse_policy("prefetch+zap".split("+")[1] + "+unsync+prefetch") == parse_policy("modern")
+    assert parse_policy("modern").label == "modern (zap+unsync+prefetch)"
+    assert parse_policy("update+prefetch2+bypass").name == "update+bypass+prefetch2"
+    assert parse_policy("tdp").tdp and parse_policy("tdp").name == "tdp"
+    for bad in ("update+bogus", "swap", "update+prefetch3", "zap+unsync+unsync", "update+prefetchx"):
+        with pytest.raises(ValueError):
+            parse_policy(bad)
     with pytest.raises(ValueError):
         VM(16 << 20, prefetch=3)
     assert VM(16 << 20, policy="update+prefetch").policy == "update+prefetch"

@@ -27,27 +27,14 @@ from collections import OrderedDict
 from .dirty_log import DirtyLog
 from .fault import FaultPath, PfResult
 from .page_cache import MMUError, PageCache
+from .policy import PREFETCH_SIZES, PTE_WRITE_POLICIES, MmuPolicy, parse_policy, policy_names
 from .pte_write import FLOOD_THRESHOLD, PteWrites
 from .roots import Roots, VcpuMmuState
 from .shadow_page import ShadowPage
 from .spte import Role
 
-POLICIES = ("zap", "update")
-# pte prefetch group sizes: 0 is off (2007); KVM's PTE_PREFETCH_NUM is 8 (2010); powers of two
-# so that the group is an aligned block of the table
-PREFETCH_SIZES = (0, 2, 4, 8, 16, 32, 64)
-# the policies by name, as the command line takes them: "POLICY[+prefetch[N]]" (N defaults to 8)
-POLICY_NAMES = (*POLICIES, *(f"{p}+prefetch" for p in POLICIES))
-
-
-def split_policy(name: str) -> tuple[str, int]:
-    """"update+prefetch" -> ("update", 8); "zap+prefetch4" -> ("zap", 4); "zap" -> ("zap", 0)."""
-    pte_write, plus, extra = name.partition("+")
-    if not plus:
-        return pte_write, 0
-    if not extra.startswith("prefetch") or not (extra[8:] == "" or extra[8:].isdigit()):
-        raise ValueError(f"unknown policy {name!r}: POLICY[+prefetch[N]] with POLICY one of {', '.join(POLICIES)}")
-    return pte_write, int(extra[8:] or 8)
+POLICIES = PTE_WRITE_POLICIES
+POLICY_NAMES = policy_names()
 
 
 class ShadowMMU(PageCache, DirtyLog, Roots, FaultPath, PteWrites):
@@ -66,12 +53,14 @@ class ShadowMMU(PageCache, DirtyLog, Roots, FaultPath, PteWrites):
     audit_by_default: bool | int = False
 
     def __init__(self, host, gmem, pool_frames: list[int], *, pte_write: str = "update",
-                 seed_access_bug: bool = False, events=None, audit: bool | int | None = None, prefetch: int = 0):
+                 seed_access_bug: bool = False, events=None, audit: bool | int | None = None, prefetch: int = 0,
+                 bypass: bool = False, unsync: bool = False):
         if pte_write not in POLICIES:
             raise ValueError(f"pte_write policy must be one of {POLICIES}, got {pte_write!r}")
         if prefetch not in PREFETCH_SIZES:
             raise ValueError(f"prefetch must be one of {PREFETCH_SIZES} ptes (0: off; KVM uses 8), got {prefetch!r}")
         self.prefetch_ptes = prefetch
+        self.spec = MmuPolicy(pte_write, prefetch, bypass, unsync)
         if len(pool_frames) < 16:
             raise ValueError(f"the shadow page pool needs at least 16 frames, got {len(pool_frames)}")
         self.host = host

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..mmu.audit import audit
-from ..mmu.mmu import ShadowMMU, split_policy
+from ..mmu.mmu import ShadowMMU
+from ..mmu.policy import parse_policy
 from ..x86.memory import physical_memory
 from .events import EventLog
 from .memslots import GuestPhysical, Memslot, MmioRegion
@@ -39,8 +40,9 @@ class VM:
             native, policy = True, None
         if policy is not None and pte_write is not None and policy != pte_write:
             raise ValueError(f"policy={policy!r} and pte_write={pte_write!r} name the same knob: give one")
-        pte_write, named_prefetch = split_policy(policy or pte_write or "update")
-        prefetch = prefetch or named_prefetch
+        spec = parse_policy(policy or pte_write or "update")
+        if prefetch:
+            spec = spec._replace(prefetch=prefetch)
         if not isinstance(ram_size, int) or ram_size <= 0 or ram_size % 4096:
             raise ValueError(f"guest RAM size must be a positive multiple of 4096 bytes, got {ram_size!r}")
         if ram_size > MAX_RAM:
@@ -65,8 +67,8 @@ class VM:
         self.mmu = None
         if not native:
             self.mmu = ShadowMMU(self.host, self.gmem, list(range(pool_base, pool_base + extra)),
-                                 pte_write=pte_write, seed_access_bug=seed_access_bug, events=self.events,
-                                 audit=audit, prefetch=prefetch)
+                                 pte_write=spec.pte_write, seed_access_bug=seed_access_bug, events=self.events,
+                                 audit=audit, prefetch=spec.prefetch, bypass=spec.bypass, unsync=spec.unsync)
         self.vcpus = [VCpu(self, i) for i in range(nr_vcpus)]
 
     @property
@@ -77,8 +79,7 @@ class VM:
     def policy(self) -> str:
         if self.native:
             return "native"
-        n = self.mmu.prefetch_ptes
-        return self.mmu.policy + (f"+prefetch{'' if n == 8 else n}" if n else "")
+        return self.mmu.spec.name
 
     def add_mmio(self, gpa: int, size: int, handler, name: str = "mmio") -> None:
         """A device at [gpa, gpa+size): handler.read(gpa, size) / handler.write(gpa, size, value)."""
