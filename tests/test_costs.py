@@ -23,7 +23,8 @@ def test_estimate_prices_every_exit_by_reason():
     assert est["native_cycles"] == native
     assert est["shadow_cycles"] == native + 2 * 17020 + 3 * 12733
     assert est["parts"] == {"guest_work": 10000.0, "guest_faults": 5 * 1093,
-                            "exits": {"pf_fixed": 2 * 17020, "pte_write": 3 * 12733}}
+                            "exits": {"pf_fixed": 2 * 17020, "pte_write": 3 * 12733},
+                            "resync": None, "walks_2d": None}
     assert estimate({}, 10, 0, P4, 1.0)["parts"]["exits"] is None
     assert est["shadow_seconds"] == pytest.approx(est["shadow_cycles"] / 3.8e9)
 

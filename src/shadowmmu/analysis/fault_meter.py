@@ -33,7 +33,8 @@ Each fault also gets a *case*, defined by what happened, so that a headline
                   during the fault (the other half of a 32-bit table, the direct
                   map's shadow for a frame touched for the first time, reclaim).
 
-On native paging there is no shadow: a fault whose table existed is ``steady``.
+On native paging, and under two-dimensional paging (tdp: the MMU shadows no guest
+table), there is no shadow: a fault whose table existed is ``steady``.
 The meter asks the MMU whether a gfn is shadowed, as a debugger would.  The guest
 kernel knows nothing of the meter: its fault handler tells whoever set
 ``Kernel.fault_observer`` the kind of the fault, which page table holds the pte
@@ -82,7 +83,7 @@ class FaultMeter:
         if self._kind is not None:
             return
         self._kind = kind
-        mmu = self.kernel.vm.mmu
+        mmu = _shadow_mmu(self.kernel.vm)
         if table_gpa is None:
             self._case, self._table_gfn = None, -1
         elif new_table:
@@ -136,7 +137,7 @@ class FaultMeter:
         self.by_reason[kind].update(delta)
         self.histogram[kind][total] += 1
         case = self._case
-        mmu = self.kernel.vm.mmu
+        mmu = _shadow_mmu(self.kernel.vm)
         if case == "steady" and mmu is not None:
             if not mmu.is_shadowed(self._table_gfn):
                 case = "flooded"
@@ -164,6 +165,12 @@ class FaultMeter:
                     "cases": {c: _case_summary(h, self.case_reasons[k][c]) for c, h in self.cases[k].items()},
                 }
         return out
+
+
+def _shadow_mmu(vm):
+    """The VM's MMU when it shadows guest page tables (None: native, or tdp)."""
+    mmu = vm.mmu
+    return mmu if mmu is not None and hasattr(mmu, "is_shadowed") else None
 
 
 def _case_summary(hist: Counter, reasons: Counter) -> dict:

@@ -22,16 +22,23 @@ from functools import lru_cache
 
 from ..guest import GUEST_FORMATS, WORKLOADS
 from ..guest.kernel import FRAMES, RESERVED_FRAMES
-from ..mmu.mmu import POLICY_NAMES
+from ..mmu.policy import parse_policy
 from ..vm import VM
 from .costs import (
-    CR_WORK, CR_WORK_RANGE, KBUILD_NATIVE_S, KBUILD_SHADOW_S, KBUILD_SLOWDOWN, estimate, exit_cycles,
-    fit_work_per_access, get_preset, speedup_identity, with_cr_work,
+    CR_WORK, CR_WORK_RANGE, KBUILD_NATIVE_S, KBUILD_SHADOW_S, KBUILD_SLOWDOWN, MODEL_TLB_ENTRIES, REAL_TLB_ENTRIES,
+    estimate, exit_cycles, extra_walk_refs, fit_work_per_access, get_preset, speedup_identity, with_cr_work,
 )
 from .run import run_workload
 
 SCHEMA = 2                    # JSON output version (docs/json.md)
 POLICIES = ("native", "zap", "update")
+# compare --history: what KVM did after the seed, in order (issue 11).  zap: before the seed (3 exits
+# per demand fault); update: the seed (2); +bypass: not-present guest faults skip the hypervisor (Sep
+# 2007: 1); +unsync: out-of-sync leaf tables (2008), with either pte-write policy, to see how much of
+# the seed's saving survives them; modern: KVM's pte-write path today (zap+unsync+prefetch), against
+# the same with update; tdp: two-dimensional paging (EPT/NPT), shown at two TLB reaches.
+HISTORY = ("native", "zap", "update", "update+bypass", "zap+unsync", "update+unsync", "update+bypass+unsync",
+           "modern", "update+unsync+prefetch", "tdp")
 DEFAULT_COMPARE = ("demand", "forkwait", "kbuild")
 PAE_STORES = ("halves", "whole")
 KERNEL_SIDE_SHARES = (0.25, 0.5)      # sensitivity: share of zap's exit cycles that update leaves alone
@@ -79,23 +86,42 @@ def ram_for(workload: str, size, guest: str) -> int:
     return min(MAX_RAM_MB[guest], -(-mb // 4) * 4) << 20
 
 
-def make_vm(policy: str, workload: str, size=None, guest: str = "64", *, tracing: bool = False) -> VM:
-    """A VM sized for the workload (see ``ram_for``)."""
-    if policy not in POLICIES and policy not in POLICY_NAMES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(('native', *POLICY_NAMES))}")
-    return VM(ram_for(workload, size, guest), native=policy == "native",
-              pte_write="update" if policy == "native" else policy, pool_pages=4096, tracing=tracing)
+def check_policy(policy: str) -> str:
+    """The canonical name of a policy (``native`` included); one clear ValueError otherwise."""
+    if policy == "native":
+        return policy
+    try:
+        return parse_policy(policy).name
+    except ValueError as e:
+        raise ValueError(f"{e} (or native)") from None
+
+
+def is_tdp(policy: str) -> bool:
+    return policy != "native" and parse_policy(policy).tdp
+
+
+def make_vm(policy: str, workload: str, size=None, guest: str = "64", *, tracing: bool = False,
+            tlb_entries: int | None = None) -> VM:
+    """A VM sized for the workload (see ``ram_for``); ``tlb_entries``: the vCPU TLB's capacity
+    (the model's default when None)."""
+    check_policy(policy)
+    vm = VM(ram_for(workload, size, guest), policy=policy, pool_pages=4096, tracing=tracing)
+    if tlb_entries is not None:
+        for v in vm.vcpus:
+            v.tlb.capacity = tlb_entries
+    return vm
 
 
 def simulate(workload: str, policy: str, guest: str, size=None, seed: int = 0, progress=None, *,
-             frames: str = "warm", pae_stores: str = "halves") -> dict:
+             frames: str = "warm", pae_stores: str = "halves", tlb_entries: int | None = None) -> dict:
     """One run of the guest workload on a fresh VM: the guest's result plus exits.
     Runs are deterministic, so each is done once per process (treat the result as read-only)."""
     check_args(workload, guest, size, frames, pae_stores)
-    key = (workload, policy, guest, size, seed, frames, pae_stores)
+    policy = check_policy(policy)
+    key = (workload, policy, guest, size, seed, frames, pae_stores, tlb_entries)
     result = _RUNS.get(key)
     if result is None:
-        vm = make_vm(policy, workload, size, guest)
+        vm = make_vm(policy, workload, size, guest, tlb_entries=tlb_entries)
         result = run_workload(vm, workload, guest=guest, size=size, seed=seed, progress=progress, frames=frames,
                               pae_halves=pae_stores == "halves")
         result["policy"] = policy
@@ -180,12 +206,26 @@ def _guest_faults(ev: dict) -> int:
     return ev.get("demand_faults", 0) + ev.get("file_faults", 0) + ev.get("cow_faults", 0)
 
 
+def priced_counts(r: dict, guest: str) -> dict:
+    """What the cost model prices in a run beyond its exits: guest ptes re-read by unsync
+    resyncs, and (tdp) the page-walk references beyond a native walk's.  TLB misses come
+    from the MMU's own count of 2-D walks when it keeps one, else from the vCPU's TLB."""
+    stats = r.get("mmu_stats_during_workload") or {}
+    tdp = is_tdp(r["policy"])
+    misses = stats.get("tlb_misses", r.get("tlb_misses_during_workload", 0)) if tdp else 0
+    return {"resynced_ptes": stats.get("resynced_ptes", 0), "tlb_misses": misses,
+            "walk_refs": stats.get("walk_refs") if tdp else None,
+            "extra_walk_refs": extra_walk_refs(guest, misses) if tdp else 0}
+
+
 def run_report(workload: str, policy: str, guest: str, size=None, seed: int = 0, preset: str = "p4-2006",
                work_per_access: float | None = None, progress=None, *, frames: str = "warm",
-               pae_stores: str = "halves") -> dict:
+               pae_stores: str = "halves", tlb_entries: int | None = None) -> dict:
     """What ``shadowmmu run`` prints or dumps as JSON (docs/json.md)."""
     p = get_preset(preset)
-    r = simulate(workload, policy, guest, size, seed, progress, frames=frames, pae_stores=pae_stores)
+    policy = check_policy(policy)
+    r = simulate(workload, policy, guest, size, seed, progress, frames=frames, pae_stores=pae_stores,
+                 tlb_entries=tlb_entries)
     cal = None
     if work_per_access is None:
         cal = calibration(guest, preset, frames, pae_stores)
@@ -193,7 +233,9 @@ def run_report(workload: str, policy: str, guest: str, size=None, seed: int = 0,
     ev = r["guest_events"]
     native = policy == "native"
     exits = {k: v for k, v in r["exits_during_workload"].items() if v} if not native else {}
-    est = estimate(exits, ev["user_accesses"], _guest_faults(ev), p, work_per_access)
+    counts = priced_counts(r, guest)
+    est = estimate(exits, ev["user_accesses"], _guest_faults(ev), p, work_per_access,
+                   resynced_ptes=counts["resynced_ptes"], extra_walk_refs=counts["extra_walk_refs"])
     per_fault = {}
     for kind in ("demand", "cow"):
         c = fault_cases(r, kind)
@@ -203,11 +245,14 @@ def run_report(workload: str, policy: str, guest: str, size=None, seed: int = 0,
         "workload": workload, "policy": policy, "guest": guest,
         "pae_stores": pae_stores if guest == "pae" else None, "frames": frames,
         "size": r.get("size"), "seed": seed,
+        "tlb_entries": r.get("tlb_entries"),
         "guest_events": ev,
         "exits": {"total": sum(exits.values()), "by_reason": exits or None,
                   "boot": {k: v for k, v in (r.get("boot_exits") or {}).items() if v} or None},
         "exits_per_fault": per_fault,
         "fault_exits": r.get("fault_exits"),
+        "mmu_stats": r.get("mmu_stats_during_workload"),
+        "priced_counts": counts,
         "estimate": {"preset": p.name, "work_per_access_cycles": work_per_access,
                      "calibration": cal,
                      "shadow": None if native else {"cycles": est["shadow_cycles"], "seconds": est["shadow_seconds"]},

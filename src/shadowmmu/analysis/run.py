@@ -36,6 +36,9 @@ def run_workload(vm, workload: str, guest: str = "64", size: int | None = None, 
     k = boot(vm, guest, seed, **kwargs)
     t1 = time.perf_counter()
     exits0 = dict(vm.events.exits)           # boot's exits, reported apart
+    mmu = vm.mmu
+    stats0 = dict(mmu.stats) if mmu is not None else {}
+    tlb0 = sum(v.tlb.misses for v in vm.vcpus)
     meter = FaultMeter.attach(k)
     nexit = w.setup(k, size, seed)
     if progress is not None:
@@ -49,6 +52,8 @@ def run_workload(vm, workload: str, guest: str = "64", size: int | None = None, 
     reasons = sorted(set(after) | set(exits0))
     during = {r: after.get(r, 0) - exits0.get(r, 0) for r in reasons}
     accesses = ev["user_accesses"] + ev["kernel_accesses"]
+    stats = ({k: n - stats0.get(k, 0) for k, n in mmu.stats.items() if isinstance(n, int)}
+             if mmu is not None else None)
     return {
         "workload": workload,
         "guest": k.guest,
@@ -60,6 +65,9 @@ def run_workload(vm, workload: str, guest: str = "64", size: int | None = None, 
         "exits_during_workload": during,
         "total_exits_during_workload": sum(during.values()),
         "boot_exits": {r: n for r, n in sorted(exits0.items())},
+        "mmu_stats_during_workload": stats or None,          # MMU counters (resyncs, 2-D walks, ...)
+        "tlb_misses_during_workload": sum(v.tlb.misses for v in vm.vcpus) - tlb0,
+        "tlb_entries": vm.vcpus[0].tlb.capacity if vm.vcpus else None,
         "boot": {"frames": k.nframes, "pages_zeroed": k.boot_pages_zeroed, "seconds": round(t1 - t0, 3)},
         "frames": {"free_after_boot": k.boot_free, "free_at_end": k.nr_free(),
                    "page_cache": len(k.page_cache)},
