@@ -550,26 +550,62 @@ def prediction_lines(p: dict) -> list[str]:
     ]
 
 
+def compare_policies(args) -> list[tuple[str, int | None]]:
+    """(policy, TLB entries) of every run per workload and guest: the default three, or
+    --policies, or --history; tdp runs twice, at the model's TLB reach and a real one
+    (a modelling choice that changes its figure: both values are shown)."""
+    from .analysis.costs import MODEL_TLB_ENTRIES, REAL_TLB_ENTRIES
+    from .analysis.history import available
+    from .analysis.report import HISTORY, POLICIES, check_policy, is_tdp
+    if getattr(args, "policies", None):
+        try:
+            names = [check_policy(p) for p in args.policies]
+        except ValueError as e:
+            raise UsageError(f"--policies: {e}") from None
+    elif getattr(args, "history", False):
+        names = [p for p in HISTORY if p != "tdp" or available("tdp")]
+    else:
+        names = [*POLICIES, "update+prefetch"] if getattr(args, "prefetch", False) else list(POLICIES)
+    if getattr(args, "policies", None) and getattr(args, "prefetch", False) and "update+prefetch" not in names:
+        names.append("update+prefetch")
+    out = []
+    for p in dict.fromkeys(names):
+        if is_tdp(p):
+            out += [(p, MODEL_TLB_ENTRIES), (p, REAL_TLB_ENTRIES)]
+        else:
+            out.append((p, None))
+    return out
+
+
 def compare_data(args, progress_cb=None) -> dict:
     """The reports and predictions of ``compare`` (also what --json prints)."""
-    from .analysis.report import POLICIES, SCHEMA, prediction, run_report
+    from .analysis.report import SCHEMA, prediction, run_report
     workloads = args.workloads
     guests = args.guest
-    policies = (*POLICIES, "update+prefetch") if getattr(args, "prefetch", False) else POLICIES
+    policies = compare_policies(args)
+    history = getattr(args, "history", False)
     jobs = [(w, fr, g, p) for w in workloads for fr in _frames_of(args, w) for g in guests for p in policies]
+    extra = (len(guests) if "kbuild" in workloads else 0) + (1 if history else 0)
     reports = []
-    for i, (w, fr, g, p) in enumerate(jobs):
-        reports.append(run_report(w, p, g, args.size, args.seed, args.costs, frames=fr, pae_stores=args.pae_stores))
+    for i, (w, fr, g, (p, tlb)) in enumerate(jobs):
+        reports.append(run_report(w, p, g, args.size, args.seed, args.costs, frames=fr, pae_stores=args.pae_stores,
+                                  tlb_entries=tlb))
         if progress_cb:
-            progress_cb((i + 1) / (len(jobs) + (len(guests) if "kbuild" in workloads else 0)))
+            progress_cb((i + 1) / (len(jobs) + extra))
     preds = []
     if "kbuild" in workloads:
         for j, g in enumerate(guests):
             preds.append(prediction(g, args.costs, args.size, args.seed, frames=_frames_of(args, "kbuild")[0],
                                     pae_stores=args.pae_stores))
             if progress_cb:
-                progress_cb((len(jobs) + j + 1) / (len(jobs) + len(guests)))
-    return {"schema": SCHEMA, "preset": args.costs, "reports": reports, "predictions": preds or None}
+                progress_cb((len(jobs) + j + 1) / (len(jobs) + extra))
+    data = {"schema": SCHEMA, "preset": args.costs, "reports": reports, "predictions": preds or None}
+    if history:
+        from .analysis.history import history_predictions
+        data["history"] = history_predictions(args.costs, args.size, args.seed)
+        if progress_cb:
+            progress_cb(1.0)
+    return data
 
 
 def cmd_boot(args) -> int:
@@ -664,6 +700,11 @@ def cmd_compare(args) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    if getattr(args, "policies", None) or getattr(args, "history", False):
+        _policies_table(data, args, console)
+        if args.real:
+            _compare_real(args, console)
+        return 0
     t = Table(title=f"shadow paging policies side by side (time estimate: {args.costs})")
     for col in ("workload", "guest", "policy", "demand fault\nVM exits:\nsteady", "other\nfaults", "COW fault\n"
                 "VM exits:\nsteady", "other\nfaults", "VM exits", "injected/pte write/\nfixed/other",
@@ -701,6 +742,102 @@ def cmd_compare(args) -> int:
     if args.real:
         _compare_real(args, console)
     return 0
+
+
+REASON_CODES = (("pf_injected", "i"), ("pte_write", "w"), ("pf_fixed", "f"), ("invlpg", "l"),
+                ("ept_violation", "e"))
+
+
+def _by_reason_text(pf: dict) -> str:
+    """A steady fault's exits by reason: "3 = i+w+f"; means when they differ ("2.02 = i+w+1.02f")."""
+    from .analysis.report import steady_text
+    total = steady_text(pf)
+    by = pf["steady_by_reason"]
+    if pf["steady"] is None or not by:
+        return total
+    codes = dict(REASON_CODES)
+    parts = []
+    for r, n in sorted(by.items(), key=lambda kv: [c for c, _ in REASON_CODES].index(kv[0])
+                       if kv[0] in codes else 99):
+        code = codes.get(r, "o")
+        k = round(n, 2)
+        parts.append(code if k == 1 else f"{k:g}{code}")
+    return f"{total} = " + "+".join(parts)
+
+
+def _policy_label(r: dict) -> str:
+    from .mmu.policy import parse_policy
+    if r["policy"] == "native":
+        return "native"
+    spec = parse_policy(r["policy"])
+    return f"tdp, TLB {r['tlb_entries']:,}" if spec.tdp else spec.label
+
+
+def _policies_table(data: dict, args, console) -> None:
+    """compare --policies / --history: every policy's exits per fault by reason, its exits by
+    reason, what else the cost model prices (resync work, 2-D walks) and the estimated time."""
+    from .analysis.report import guest_label
+    if not sys.stdout.isatty():
+        console = Console(width=200)           # a wide table: do not squeeze it when piped
+    t = Table(title=f"MMU policies side by side: the seed and what KVM did after it (time estimate: {args.costs})")
+    for col in ("workload", "guest", "policy", "demand fault\nVM exits:\nsteady", "other\nfaults",
+                "COW fault\nVM exits:\nsteady", "VM exits", "by reason:\ni/w/f/l/e/o",
+                "resynced\nptes", "2-D walk\nrefs", "estimated\ntime", "vs zap", "vs update"):
+        t.add_column(col, justify="right")
+    base: dict = {}
+    for r in data["reports"]:
+        if r["policy"] in ("zap", "update"):
+            wl = r["workload"] + (", cold" if r["frames"] == "cold" else "")
+            base[(wl, r["guest"], r["policy"])] = r["estimate"]["shadow"]["seconds"]
+    last = None
+    for r in data["reports"]:
+        by = r["exits"]["by_reason"] or {}
+        native = r["policy"] == "native"
+        secs = r["estimate"]["native" if native else "shadow"]["seconds"]
+        wl = r["workload"] + (", cold" if r["frames"] == "cold" else "")
+        main = [by.get(k, 0) for k, _ in REASON_CODES]
+        other = r["exits"]["total"] - sum(main)
+        pc = r["priced_counts"]
+        pf = r["exits_per_fault"]
+
+        def vs(pol):
+            b = base.get((wl, r["guest"], pol))
+            return "" if b is None or native or r["policy"] == pol else f"{(1 - secs / b) * 100:+.1f}%"
+        if last is not None and last != wl:
+            t.add_section()
+        last = wl
+        walks = pc["tlb_misses"] and f"{pc['extra_walk_refs']:,} ({pc['tlb_misses']:,} misses)"
+        t.add_row(wl, guest_label(r["guest"], args.pae_stores), _policy_label(r),
+                  "0" if native else _by_reason_text(pf["demand"]), "" if native else _other_text(pf["demand"]),
+                  "0" if native else _by_reason_text(pf["cow"]),
+                  "" if native else f"{r['exits']['total']:,}",
+                  "" if native else "/".join(f"{x:,}" for x in (*main, other)),
+                  f"{pc['resynced_ptes']:,}" if pc["resynced_ptes"] else "",
+                  walks or "", f"{secs * 1e3:.2f} ms", vs("zap"), vs("update"))
+    console.print(t)
+    for line in POLICIES_KEY:
+        console.print(line, highlight=False)
+    if data.get("history"):
+        h = Table(title="predicted by the model vs published (no refit: the work per access is fitted once, "
+                        "on kbuild under zap, to 484 s / 265 s)")
+        for col in ("figure", "model", "published", "source", "rests on / why they may differ"):
+            h.add_column(col)
+        for row in data["history"]:
+            why = row["rests_on"] + (f". {row['why']}" if row["why"] else "")
+            if row["sensitivity_text"]:
+                why += f". Sensitivity: {row['sensitivity_text']}"
+            h.add_row(row["quantity"], row["model_text"], row["published"], row["source"], why)
+        console.print(h)
+
+
+POLICIES_KEY = (
+    "Steady faults' VM exits by reason: i injected #PF, w emulated pte write, f hidden #PF (shadow fixed), "
+    "l INVLPG, e EPT violation, o other;",
+    "  a bypassed guest fault (+bypass; every guest fault under tdp) is no exit: it costs a native guest #PF.",
+    "resynced ptes: guest ptes re-read by out-of-sync resyncs (priced per pte, an ASSUMPTION, docs/sources.md);",
+    "2-D walk refs: page-walk references a tdp TLB miss makes beyond a native walk's (n*m+m, m=4), priced per "
+    "reference (an ASSUMPTION); tdp runs at the model's TLB reach and at a real STLB's (both shown).",
+)
 
 
 def _compare_real(args, console) -> None:
@@ -752,7 +889,7 @@ def cmd_demo(args) -> int:
     cmd_trace(argparse.Namespace(policy=None, guest="64"))
     return cmd_compare(argparse.Namespace(workloads=[], guest=None, size=None, seed=0, costs="p4-2006",
                                           json=False, plot=plot, frames=None, pae_stores="halves", real=False,
-                                          prefetch=False))
+                                          prefetch=False, policies=None, history=False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -881,6 +1018,13 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(cp, many=True)
     cp.add_argument("--prefetch", action="store_true",
                     help="also run update+prefetch (KVM's 2010 pte prefetch of the 8 neighbouring ptes)")
+    cp.add_argument("--policies", nargs="+", metavar="POLICY",
+                    help="the policies to run instead of native, zap and update: zap|update[+bypass][+unsync]"
+                         "[+prefetch[N]], modern, tdp or native; prints every policy's VM exits per fault by "
+                         "reason (tdp runs at two TLB reaches)")
+    cp.add_argument("--history", action="store_true",
+                    help="the historical sequence (zap, update, +bypass, +unsync, modern, tdp) and the model's "
+                         "predictions of the published figures for out-of-sync shadows and EPT")
     cp.add_argument("--real", action="store_true",
                     help="also run the same workloads as real x86 code (the mm kernel on the real vCPU) and show "
                          "their exits per fault next to the model's")
