@@ -580,7 +580,7 @@ def compare_policies(args) -> list[tuple[str, int | None]]:
         except ValueError as e:
             raise UsageError(f"--policies: {e}") from None
     elif getattr(args, "history", False):
-        names = [p for p in HISTORY if p != "tdp" or available("tdp")]
+        names = [check_policy(p) for p in HISTORY if p != "tdp" or available("tdp")]
     else:
         names = [*POLICIES, "update+prefetch"] if getattr(args, "prefetch", False) else list(POLICIES)
     if getattr(args, "policies", None) and getattr(args, "prefetch", False) and "update+prefetch" not in names:

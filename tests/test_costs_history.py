@@ -1,0 +1,160 @@
+"""The cost model beyond the seed (issue 11): prices for every exit reason, predictions
+computed by hand from known counts, and compare's --policies / --history rows."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from shadowmmu.analysis.costs import (
+    PRESETS, REAL_TLB_ENTRIES, MODEL_TLB_ENTRIES, estimate, extra_walk_refs, walk_refs_2d, with_prices,
+)
+from shadowmmu.analysis.history import fault_us, per_op_us, run_cycles, speedup, surviving_share
+from shadowmmu.analysis.report import HISTORY, simulate
+from shadowmmu.cli import compare_policies, main
+from shadowmmu.vm.events import EXIT_REASONS
+
+P4 = PRESETS["p4-2006"]
+MODERN = PRESETS["modern"]
+RT = 2409 + 1931                          # the P4 round trip [AA06]
+SOURCES = (Path(__file__).resolve().parents[1] / "docs" / "sources.md").read_text()
+
+# every reason the VM counts, and the ones the later policies add (INVLPG under unsync, EPT violations
+# under tdp), whether or not this build's events module lists them yet
+REASONS = sorted(set(EXIT_REASONS) | {"invlpg", "ept_violation"})
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_exit_reason_has_a_price_and_a_basis(preset):
+    p = PRESETS[preset]
+    for reason in REASONS:
+        assert p.exit_cost(reason) > 0, reason
+        basis = p.basis[reason]
+        assert basis.startswith("ASSUMPTION") or "[AA06]" in basis or "[PVM23]" in basis, (reason, basis)
+    for price in ("guest_pf", "resync_pte", "walk_ref"):
+        assert price in p.basis, price
+    assert p.basis["resync_pte"].startswith("ASSUMPTION") and p.basis["walk_ref"].startswith("ASSUMPTION")
+
+
+def test_an_unpriced_reason_is_an_error_not_another_price():
+    with pytest.raises(ValueError, match="no price for VM exit reason 'vmcall'"):
+        P4.exit_cost("vmcall")
+    with pytest.raises(ValueError, match="no price"):
+        estimate({"pf_fixed": 1, "vmcall": 1}, 10, 0, P4, 1.0)
+
+
+def test_sources_md_lists_the_new_prices():
+    for word in ("ept_violation", "invlpg", "resync_pte", "walk_ref", "1536", "[BSSM08]", "2-D walk"):
+        assert word in SOURCES, word
+
+
+def test_2d_walk_references():
+    assert walk_refs_2d(4) == 24                      # [BSSM08]: 4-level guest on 4-level EPT
+    assert walk_refs_2d(2) == 14
+    assert extra_walk_refs("64", 10) == 10 * (24 - 4)
+    assert extra_walk_refs("32", 3) == 3 * (14 - 2)
+    assert extra_walk_refs("pae", 1) == 12            # PDPTEs are registers: n = 2
+
+
+def _run(policy, exits, *, user=1000, faults=10, forks=5, stats=None, tlb_misses=0, steady=None):
+    r = {"policy": policy, "guest_events": {"user_accesses": user, "demand_faults": faults, "cow_faults": 0,
+                                            "file_faults": 0, "forks": forks},
+         "exits_during_workload": exits, "mmu_stats_during_workload": stats,
+         "tlb_misses_during_workload": tlb_misses}
+    if steady is not None:
+        n, by = steady
+        r["fault_exits"] = {"demand": {"cases": {"steady": {"faults": n, "exits": sum(by.values()),
+                                                            "histogram": {}, "by_reason": by}}}}
+    return r
+
+
+BASE = _run("update+bypass", {"pte_write": 10, "pf_fixed": 2, "cr_access": 5})
+UNSYNC = _run("update+bypass+unsync", {"pf_fixed": 10, "invlpg": 3, "cr_access": 5}, stats={"resynced_ptes": 40})
+
+
+def test_unsync_prediction_by_hand():
+    w = 100.0
+    native = 1000 * w + 10 * 1093
+    t_base = native + 10 * 12733 + 2 * 17020 + 5 * (RT + 500)
+    t_new = native + 10 * 17020 + 3 * (RT + 500) + 5 * (RT + 500) + 40 * 200
+    assert run_cycles(BASE, "64", P4, w) == pytest.approx(t_base)
+    assert run_cycles(UNSYNC, "64", P4, w) == pytest.approx(t_new)
+    assert speedup(BASE, UNSYNC, "64", P4, w) == pytest.approx(1 - t_new / t_base)
+    # resync work is a visible price: at 0 cycles per pte the 40 resynced ptes cost nothing
+    assert run_cycles(UNSYNC, "64", with_prices(P4, resync_pte=0), w) == pytest.approx(t_new - 40 * 200)
+    # per fork: 5 forks
+    assert per_op_us(UNSYNC, "64", P4, w) == pytest.approx(t_new / 3.8e9 * 1e6 / 5)
+
+
+def test_tdp_prices_ept_violations_and_extra_walk_references():
+    w = 50.0
+    native = 1000 * w + 10 * 1093
+    tdp = _run("tdp", {"ept_violation": 2}, tlb_misses=50)
+    assert run_cycles(tdp, "64", P4, w) == pytest.approx(native + 2 * (RT + 12680) + 50 * 20 * 20)
+    assert run_cycles(tdp, "pae", P4, w) == pytest.approx(native + 2 * (RT + 12680) + 50 * 12 * 20)
+    # the MMU's own count of 2-D walks wins over the vCPU TLB's
+    tdp2 = _run("tdp", {}, tlb_misses=50, stats={"tlb_misses": 30, "walk_refs": 720})
+    assert run_cycles(tdp2, "64", P4, w) == pytest.approx(native + 30 * 20 * 20)
+    # a shadow run's TLB misses are in the fitted work (its walks are native-length)
+    shadow = _run("update", {}, tlb_misses=50)
+    assert run_cycles(shadow, "64", P4, w) == pytest.approx(native)
+
+
+def test_fault_cost_by_hand():
+    # modern prices: guest #PF 0.15 µs, a fault exit 0.78 µs
+    zap = _run("zap", {}, steady=(10, {"pf_injected": 10, "pte_write": 10, "pf_fixed": 10}))
+    bypass = _run("update+bypass", {}, steady=(10, {"pte_write": 10}))
+    tdp = _run("tdp", {}, steady=(10, {}))
+    assert fault_us(zap, MODERN) == pytest.approx(0.15 + 0.78 + 1.66 + 0.78)
+    assert fault_us(bypass, MODERN) == pytest.approx(0.15 + 1.66)
+    assert fault_us(tdp, MODERN) == pytest.approx(0.15)
+
+
+def test_surviving_share_by_hand():
+    w = 10.0
+    z = _run("zap", {"pf_fixed": 100})
+    u = _run("update", {"pf_fixed": 0})
+    zx = _run("zap+unsync", {"pf_fixed": 30})
+    ux = _run("update+unsync", {"pf_fixed": 20})
+    assert surviving_share(z, u, zx, ux, "64", P4, w) == pytest.approx(10 / 100)
+
+
+def test_tlb_reach_is_a_knob_that_changes_the_misses():
+    small = simulate("demand", "native", "64", 16, tlb_entries=64)
+    big = simulate("demand", "native", "64", 16)
+    assert big["tlb_entries"] == MODEL_TLB_ENTRIES and small["tlb_entries"] == 64
+    assert small["tlb_misses_during_workload"] > big["tlb_misses_during_workload"]
+    assert small["exits_during_workload"] == big["exits_during_workload"]
+
+
+def test_compare_policies_expand_tdp_at_two_tlb_reaches():
+    ns = argparse.Namespace(policies=["zap", "update+bypass", "tdp", "modern"], history=False, prefetch=False)
+    assert compare_policies(ns) == [("zap", None), ("update+bypass", None), ("tdp", MODEL_TLB_ENTRIES),
+                                    ("tdp", REAL_TLB_ENTRIES), ("zap+unsync+prefetch", None)]
+    hist = [p for p, _ in compare_policies(argparse.Namespace(policies=None, history=True, prefetch=False))]
+    assert list(dict.fromkeys(hist)) == [p if p != "modern" else "zap+unsync+prefetch" for p in HISTORY
+                                         if p != "tdp" or "tdp" in hist]
+    assert {"zap", "update", "update+bypass", "zap+unsync", "update+unsync", "zap+unsync+prefetch"} <= set(hist)
+
+
+def test_compare_policies_rows_and_json(capsys):
+    assert main(["compare", "demand", "--guest", "64", "--size", "16", "--frames", "warm",
+                 "--policies", "native", "zap", "update", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["policy"] for r in data["reports"]] == ["native", "zap", "update"]
+    for r in data["reports"]:
+        assert set(r["priced_counts"]) == {"resynced_ptes", "tlb_misses", "walk_refs", "extra_walk_refs"}
+        assert r["tlb_entries"] == MODEL_TLB_ENTRIES
+        assert set(r["estimate"]["parts"]) == {"guest_work", "guest_faults", "exits", "resync", "walks_2d"}
+    assert "history" not in data
+    assert main(["compare", "demand", "--guest", "64", "--size", "16", "--frames", "warm",
+                 "--policies", "zap", "update"]) == 0
+    out = capsys.readouterr().out
+    assert "3 = i+w+f" in out and "2 = i+w" in out        # the seed's 3 -> 2, by reason
+
+
+def test_compare_refuses_an_unknown_policy(capsys):
+    assert main(["compare", "demand", "--policies", "zap+turbo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--policies" in err and "turbo" in err
