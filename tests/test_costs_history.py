@@ -158,3 +158,16 @@ def test_compare_refuses_an_unknown_policy(capsys):
     assert main(["compare", "demand", "--policies", "zap+turbo"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--policies" in err and "turbo" in err
+
+
+def test_bench_mmu_rows_per_policy():
+    from shadowmmu.analysis.bench_mmu import bench_mmu
+    rows = bench_mmu("64", pages=40, warm_rounds=1, repeat=1, policies=("native", "zap", "update"))
+    assert [r["policy"] for r in rows] == ["native", "zap", "update"]
+    assert rows[0]["exits_by_reason"] is None and rows[0]["exits_per_fault"] == 0.0
+    # 40 demand faults of the minimal guest: each injects, each pte write exits; zap re-faults after
+    # each, except the first, whose page table is new (the hidden #PF builds its shadow under both)
+    zap, upd = rows[1]["exits_by_reason"], rows[2]["exits_by_reason"]
+    assert zap["pf_injected"] == upd["pf_injected"] == 40
+    assert zap["pte_write"] == upd["pte_write"] == 40
+    assert zap["pf_fixed"] - upd["pf_fixed"] == 40 - 1
