@@ -837,14 +837,18 @@ def _policies_table(data: dict, args, console) -> None:
     if data.get("history"):
         h = Table(title="predicted by the model vs published (no refit: the work per access is fitted once, "
                         "on kbuild under zap, to 484 s / 265 s)")
-        for col in ("figure", "model", "published", "source", "rests on / why they may differ"):
+        for col in ("", "figure", "model", "published", "source"):
             h.add_column(col)
-        for row in data["history"]:
-            why = row["rests_on"] + (f". {row['why']}" if row["why"] else "")
-            if row["sensitivity_text"]:
-                why += f". Sensitivity: {row['sensitivity_text']}"
-            h.add_row(row["quantity"], row["model_text"], row["published"], row["source"], why)
+        for i, row in enumerate(data["history"], 1):
+            h.add_row(str(i), row["quantity"], row["model_text"], row["published"], row["source"])
         console.print(h)
+        for i, row in enumerate(data["history"], 1):
+            line = f"[{i}] rests on: {row['rests_on']}"
+            if row["why"]:
+                line += f"; why it may differ: {row['why']}"
+            if row["sensitivity_text"]:
+                line += f"; sensitivity: {row['sensitivity_text']}"
+            console.print(line, highlight=False, markup=False)
 
 
 POLICIES_KEY = (

@@ -23,6 +23,7 @@ from .report import _guest_faults, calibration, fault_cases, priced_counts, simu
 # historical policies the rows below compare (named as the command line names them)
 UNSYNC_BASE, UNSYNC_NEW = "update+bypass", "update+bypass+unsync"      # KVM in 2008, before / after unsync
 SHADOW_NOW = "modern"                                                 # KVM's shadow MMU today
+CHAIN = ("zap", "update", "update+bypass", UNSYNC_NEW, SHADOW_NOW, "tdp")    # the exits-per-fault history
 
 
 def run_cycles(run: dict, guest: str, preset, work_per_access: float) -> float:
@@ -72,13 +73,15 @@ UNITS = {"faster": lambda v: f"{v * 100:+.1f}% faster", "latency": lambda v: f"{
 
 
 def _row(quantity: str, model, published: str, source: str, rests_on: str, why: str = "",
-         sensitivity: dict | None = None, model_text: str | None = None, unit: str = "faster") -> dict:
+         sensitivity: dict | None = None, model_text: str | None = None, unit: str = "faster",
+         values: dict | None = None) -> dict:
     if model_text is None:
         model_text = "n/a" if model is None else UNITS[unit](model)
     sens_text = None
     if sensitivity:
         sens_text = "; ".join(f"{k}: {UNITS[unit](v)}" for k, v in sensitivity.items())
-    return {"quantity": quantity, "model": model, "model_text": model_text, "unit": unit, "published": published,
+    return {"quantity": quantity, "model": model, "model_text": model_text, "unit": unit, "values": values or None,
+            "published": published,
             "source": source, "rests_on": rests_on, "why": why or None, "sensitivity": sensitivity or None,
             "sensitivity_text": sens_text}
 
@@ -98,12 +101,13 @@ def history_predictions(preset_name: str = "p4-2006", size=None, seed: int = 0, 
     tdp = available("tdp")
     # --- the seed and bypass: exits per fault ---------------------------------------------
     steady = {}
-    for pol in ("zap", "update", "update+bypass", "tdp"):
+    for pol in CHAIN:
         steady[pol] = _steady(run("demand", pol)) if pol != "tdp" or tdp else "n/a"
-    rows.append(_row("VM exits per steady demand fault, 64-bit guest: zap -> update -> update+bypass -> tdp",
-                     None, "3 -> 2 -> 1 -> 0 (EPT: no exit once the frame is mapped)",
+    rows.append(_row("VM exits per steady demand fault, 64-bit guest: " + " -> ".join(CHAIN),
+                     None, "3 -> 2 -> 1 -> ? -> ? -> 0 (EPT: no exit once the frame is mapped)",
                      "seed commit 0028425f64; KVM c7addb902054 (bypass, Sep 2007)",
-                     "counted, not priced", model_text=" -> ".join(steady[p] for p in steady)))
+                     "counted, not priced", model_text=" -> ".join(steady[p] for p in steady),
+                     values={p: v for p, v in steady.items()}))
     g64 = w_of("64", preset_name)
     # --- the seed's kbuild claim, for the chain ---------------------------------------------
     kz, ku = run("kbuild", "zap"), run("kbuild", "update")
@@ -137,11 +141,12 @@ def history_predictions(preset_name: str = "p4-2006", size=None, seed: int = 0, 
     xen = {}
     for g in ("32", "pae", "64"):
         xen[g] = speedup(run("kbuild", "update", g), run("kbuild", "update+unsync", g), g, preset, w_of(g, preset_name))
-    rows.append(_row("kbuild, update+unsync vs update, 32 / PAE / 64-bit", min(xen.values()),
+    rows.append(_row("kbuild, update+unsync vs update, 32 / PAE / 64-bit", None,
                      "7-25% faster (Windows DDK build)", "Xen out-of-sync L1 shadows, 2008",
                      f"{preset.name} prices; the model has no Windows guest: kbuild stands in",
-                     "a different guest OS, hypervisor and build", {f"guest_{g}": v for g, v in xen.items()},
-                     model_text=" / ".join(f"{v * 100:+.1f}%" for v in xen.values())))
+                     "a different guest OS, hypervisor and build",
+                     model_text=" / ".join(f"{v * 100:+.1f}%" for v in xen.values()),
+                     values={f"guest_{g}": v for g, v in xen.items()}))
     # --- two-dimensional paging (modern prices: PVM's figures are today's) ------------------------
     if tdp:
         sm, td = run("demand", SHADOW_NOW), run("demand", "tdp")
@@ -151,16 +156,17 @@ def history_predictions(preset_name: str = "p4-2006", size=None, seed: int = 0, 
                          "assuming one exit per shadow fault)",
                          "the comparison checks the exit count per fault: PVM's shadow fault takes one exit, "
                          "the model's modern policy takes what the table shows",
-                         model_text=f"{_us(f_sm)} vs {_us(f_td)} µs"))
+                         model_text=f"{_us(f_sm)} vs {_us(f_td)} µs", values={"shadow_us": f_sm, "tdp_us": f_td}))
         wm = w_of("64", "modern")
-        fs = run("fork", SHADOW_NOW)
         per = {tlb: per_op_us(run("fork", "tdp", tlb=tlb), "64", modern, wm) for tlb in (MODEL_TLB_ENTRIES, REAL_TLB_ENTRIES)}
+        fork_sm = per_op_us(run("fork", SHADOW_NOW), "64", modern, wm)
         rows.append(_row("fork, shadow (modern) vs EPT (tdp), µs per fork", None, "505 vs 82 µs", "PVM, SOSP 2023",
                          "modern prices; work per access fitted on kbuild (not on fork); tdp at two TLB reaches",
                          "lat_proc's child does almost nothing in the model; PVM's fork copies a real process",
                          None,
-                         model_text=f"{per_op_us(fs, '64', modern, wm):.1f} vs {per[MODEL_TLB_ENTRIES]:.1f} "
-                                    f"(TLB {MODEL_TLB_ENTRIES:,}) / {per[REAL_TLB_ENTRIES]:.1f} (TLB {REAL_TLB_ENTRIES:,}) µs"))
+                         model_text=f"{fork_sm:.1f} vs {per[MODEL_TLB_ENTRIES]:.1f} "
+                                    f"(TLB {MODEL_TLB_ENTRIES:,}) / {per[REAL_TLB_ENTRIES]:.1f} (TLB {REAL_TLB_ENTRIES:,}) µs",
+                         values={"shadow_us": fork_sm, **{f"tdp_us_tlb_{t}": v for t, v in per.items()}}))
         ks = run("kbuild", SHADOW_NOW)
         ratio = {tlb: run_cycles(ks, "64", modern, wm) / run_cycles(run("kbuild", "tdp", tlb=tlb), "64", modern, wm)
                  for tlb in (MODEL_TLB_ENTRIES, REAL_TLB_ENTRIES)}

@@ -25,7 +25,7 @@ from ..guest.kernel import FRAMES, RESERVED_FRAMES
 from ..mmu.policy import parse_policy
 from ..vm import VM
 from .costs import (
-    CR_WORK, CR_WORK_RANGE, KBUILD_NATIVE_S, KBUILD_SHADOW_S, KBUILD_SLOWDOWN, MODEL_TLB_ENTRIES, REAL_TLB_ENTRIES,
+    CR_WORK, CR_WORK_RANGE, KBUILD_NATIVE_S, KBUILD_SHADOW_S, KBUILD_SLOWDOWN,
     estimate, exit_cycles, extra_walk_refs, fit_work_per_access, get_preset, speedup_identity, with_cr_work,
 )
 from .run import run_workload
