@@ -171,3 +171,56 @@ def test_bench_mmu_rows_per_policy():
     assert zap["pf_injected"] == upd["pf_injected"] == 40
     assert zap["pte_write"] == upd["pte_write"] == 40
     assert zap["pf_fixed"] - upd["pf_fixed"] == 40 - 1
+
+
+# exit counts per policy for a fake kbuild/fork/demand run: the history table must price exactly these
+FAKE_EXITS = {
+    "zap": {"pf_injected": 10, "pte_write": 10, "pf_fixed": 10},
+    "update": {"pf_injected": 10, "pte_write": 10},
+    "update+bypass": {"pte_write": 10},
+    "update+bypass+unsync": {"pf_fixed": 4, "invlpg": 2},
+    "update+unsync": {"pf_injected": 10, "pf_fixed": 4, "invlpg": 2},
+    "zap+unsync": {"pf_injected": 10, "pf_fixed": 5, "invlpg": 2},
+    "zap+unsync+prefetch": {"pf_injected": 10, "pf_fixed": 3, "invlpg": 2},
+    "update+unsync+prefetch": {"pf_injected": 10, "pf_fixed": 2, "invlpg": 2},
+    "tdp": {},
+}
+
+
+def _fake_simulate(workload, policy, guest, size=None, seed=0, progress=None, *, tlb_entries=None, **kw):
+    from shadowmmu.analysis.report import check_policy
+    policy = check_policy(policy)
+    exits = FAKE_EXITS[policy]
+    stats = {"resynced_ptes": 8} if "unsync" in policy else None
+    if policy == "tdp":
+        stats = {"tlb_misses": 10 if tlb_entries == MODEL_TLB_ENTRIES or tlb_entries is None else 100,
+                 "walk_refs": 240 if tlb_entries != REAL_TLB_ENTRIES else 2400}
+    return _run(policy, exits, stats=stats, steady=(10, exits))
+
+
+def test_history_rows_price_the_runs_exit_counts(monkeypatch):
+    import shadowmmu.analysis.history as h
+    monkeypatch.setattr(h, "simulate", _fake_simulate)
+    monkeypatch.setattr(h, "calibration", lambda g, p, *a: {"work_per_access": 100.0})
+    monkeypatch.setattr(h, "available", lambda p: True)
+    rows = {r["quantity"].split(",")[0] + str(i): r for i, r in enumerate(h.history_predictions("p4-2006"))}
+    rows = list(rows.values())
+    assert rows[0]["model_text"] == "3 -> 2 -> 1 -> 0.60 -> 1.50 -> 0"
+    w, native = 100.0, 1000 * 100.0 + 10 * 1093
+    inv = RT + 500
+    t_base = native + 10 * 12733
+    t_new = native + 4 * 17020 + 2 * inv + 8 * 200
+    assert rows[2]["model"] == pytest.approx(1 - t_new / t_base)              # unsync kbuild
+    assert rows[3]["model"] == pytest.approx(1 - t_new / t_base)              # the same counts for fork
+    # page fault, modern prices: modern (zap+unsync+prefetch) steady 1.3 fault exits + 0.2 INVLPG per fault
+    f_sm = 0.15 + 1.3 * 0.78 + 0.2 * 0.54
+    assert rows[5]["values"]["shadow_us"] == pytest.approx(f_sm)
+    assert rows[5]["values"]["tdp_us"] == pytest.approx(0.15)
+    # kernel build shadow/tdp at the real TLB: 100 misses x 20 extra refs x 20 cycles
+    m = PRESETS["modern"]
+    t_sm = native - 10 * 1093 + 10 * m.guest_pf + 13 * m.exit_cost("pf_fixed") + 2 * m.exit_cost("invlpg") + 8 * 200
+    t_td = native - 10 * 1093 + 10 * m.guest_pf + 100 * 20 * 20
+    assert rows[7]["model"] == pytest.approx(t_sm / t_td)
+    assert rows[8]["model"] == pytest.approx(24.0)
+    # the seed's saving left: (zap+unsync+prefetch - update+unsync+prefetch) / (zap - update)
+    assert rows[9]["model"] == pytest.approx((1 * 17020) / (10 * 17020))
