@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ..x86.bits import PTE_A, PTE_D, PTE_P, R_ALL
 from .shadow_page import ShadowPage
-from .spte import SPTE_ADDR, SPTE_P, gpte_rights
+from .spte import SPTE_ADDR, SPTE_P, SPTE_PRESENT_TEST, gpte_rights
 
 FLOOD_THRESHOLD = 3       # consecutive emulated writes to one gfn before it is unshadowed
 
@@ -67,7 +67,7 @@ class PteWrites:
                                  f"level-{sp.role.level} table gfn {gfn:#x} +{offset:#x}; policy "
                                  f"{self.policy!r}: {'install the spte from it' if update else 'clear the spte'}")
             for idx in written:
-                self.set_spte(sp, idx, 0)
+                self.set_spte(sp, idx, self.trap_spte)
                 self.stats["pte_zaps"] += 1
                 if update:
                     self.update_pte(vcpu, sp, idx, new)
@@ -122,6 +122,10 @@ class PteWrites:
         if spte:
             self.stats["pte_updates"] += 1
             self.set_spte(sp, idx, spte)
+        elif not sp.unsync:
+            # bypass: a pte written not present lets the guest's next fault there skip the
+            # hypervisor (FNAME(update_pte)'s shadow_notrap_nonpresent_pte)
+            self.set_spte(sp, idx, self.nonpresent_spte(gpte))
 
     def spte_from_gpte(self, vcpu, sp: ShadowPage, gpte: int, access: int) -> int:
         """The leaf spte a guest pte of ``sp``'s table calls for, with rights
@@ -137,4 +141,4 @@ class PteWrites:
         rights = gpte_rights(gpte, wide, sp.role.nxe) & access
         gfn = (gpte & (SPTE_ADDR if wide else 0xFFFFF000)) >> 12
         spte = self.leaf_spte(sp, gfn, rights, bool(gpte & PTE_D), gpte)
-        return spte if spte & SPTE_P else 0
+        return spte if spte & SPTE_PRESENT_TEST == SPTE_P else 0
