@@ -26,13 +26,14 @@ class VcpuMmuState:
     the last ``page_fault`` left for the vCPU (the fault to inject, the gpa to emulate)."""
 
     __slots__ = ("roots", "pae_root_hpfn", "last_pt_write_gfn", "last_pt_write_count", "glevels", "base_role",
-                 "fault", "gpa")
+                 "fault", "gpa", "last_pte_updated")
 
     def __init__(self, pae_root_hpfn: int):
         self.roots: list[ShadowPage | None] = []
         self.pae_root_hpfn = pae_root_hpfn
         self.last_pt_write_gfn = -1
         self.last_pt_write_count = 0
+        self.last_pte_updated = -1   # bypass: host address of the spte update_pte installed last
         self.glevels = -1
         self.base_role = None
         self.fault = None            # PfResult.INJECT: the guest's #PF
