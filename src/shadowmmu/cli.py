@@ -594,6 +594,15 @@ def compare_policies(args) -> list[tuple[str, int | None]]:
     return out
 
 
+def _run_failures() -> tuple:
+    from .guest.user import MemoryCheckError
+    from .vm.vcpu import GuestCrash
+    return (MemoryCheckError, GuestCrash)
+
+
+RUN_FAILURES = _run_failures()
+
+
 def compare_data(args, progress_cb=None) -> dict:
     """The reports and predictions of ``compare`` (also what --json prints)."""
     from .analysis.report import SCHEMA, prediction, run_report
@@ -604,9 +613,18 @@ def compare_data(args, progress_cb=None) -> dict:
     jobs = [(w, fr, g, p) for w in workloads for fr in _frames_of(args, w) for g in guests for p in policies]
     extra = (len(guests) if "kbuild" in workloads else 0) + (1 if history else 0)
     reports = []
+    many = bool(getattr(args, "policies", None)) or history
     for i, (w, fr, g, (p, tlb)) in enumerate(jobs):
-        reports.append(run_report(w, p, g, args.size, args.seed, args.costs, frames=fr, pae_stores=args.pae_stores,
-                                  tlb_entries=tlb))
+        try:
+            reports.append(run_report(w, p, g, args.size, args.seed, args.costs, frames=fr,
+                                      pae_stores=args.pae_stores, tlb_entries=tlb))
+        except RUN_FAILURES as e:
+            if not many:
+                raise
+            # a policy whose run fails (the guest read back the wrong data, or crashed) is a row
+            # that says so: the other policies' rows still stand
+            reports.append({"workload": w, "policy": p, "guest": g, "frames": fr, "tlb_entries": tlb,
+                            "error": f"{type(e).__name__}: {e}"})
         if progress_cb:
             progress_cb((i + 1) / (len(jobs) + extra))
     preds = []
@@ -803,15 +821,22 @@ def _policies_table(data: dict, args, console) -> None:
         t.add_column(col, justify="right")
     base: dict = {}
     for r in data["reports"]:
-        if r["policy"] in ("zap", "update"):
+        if r["policy"] in ("zap", "update") and "error" not in r:
             wl = r["workload"] + (", cold" if r["frames"] == "cold" else "")
             base[(wl, r["guest"], r["policy"])] = r["estimate"]["shadow"]["seconds"]
     last = None
     for r in data["reports"]:
+        wl = r["workload"] + (", cold" if r["frames"] == "cold" else "")
+        if last is not None and last != wl:
+            t.add_section()
+        last = wl
+        if "error" in r:
+            t.add_row(wl, guest_label(r["guest"], args.pae_stores), _policy_label(r),
+                      "[red]run failed[/red]", "", "", "", r["error"][:60], "", "", "", "", "")
+            continue
         by = r["exits"]["by_reason"] or {}
         native = r["policy"] == "native"
         secs = r["estimate"]["native" if native else "shadow"]["seconds"]
-        wl = r["workload"] + (", cold" if r["frames"] == "cold" else "")
         main = [by.get(k, 0) for k, _ in REASON_CODES]
         other = r["exits"]["total"] - sum(main)
         pc = r["priced_counts"]
@@ -820,9 +845,6 @@ def _policies_table(data: dict, args, console) -> None:
         def vs(pol):
             b = base.get((wl, r["guest"], pol))
             return "" if b is None or native or r["policy"] == pol else f"{(1 - secs / b) * 100:+.1f}%"
-        if last is not None and last != wl:
-            t.add_section()
-        last = wl
         walks = pc["tlb_misses"] and f"{pc['extra_walk_refs']:,} ({pc['tlb_misses']:,} misses)"
         t.add_row(wl, guest_label(r["guest"], args.pae_stores), _policy_label(r),
                   "0" if native else _by_reason_text(pf["demand"]), "" if native else _other_text(pf["demand"]),

@@ -87,9 +87,25 @@ def _row(quantity: str, model, published: str, source: str, rests_on: str, why: 
 
 
 def history_predictions(preset_name: str = "p4-2006", size=None, seed: int = 0, progress=None) -> list[dict]:
-    """The table of ``compare --history``: predicted vs published, one row per figure."""
+    """The table of ``compare --history``: predicted vs published, one row per figure.  A row
+    whose runs fail (a memory check, a guest crash) says so instead of a number."""
+    from ..guest.user import MemoryCheckError
+    from ..vm.vcpu import GuestCrash
+    rows: list[dict] = []
+    for quantity, published, source, make in _row_makers(preset_name, size, seed):
+        try:
+            rows.append(make())
+        except (MemoryCheckError, GuestCrash) as e:
+            rows.append(_row(quantity, None, published, source, "a run of the row",
+                             f"a run failed: {type(e).__name__}: {e}", model_text="run failed"))
+    return rows
+
+
+def _row_makers(preset_name: str, size, seed: int):
+    """(quantity, published, source, function making the row) for every row, in order."""
     preset = get_preset(preset_name)
     modern = get_preset("modern")
+    tdp = available("tdp")
 
     def run(w, pol, g="64", tlb=None):
         return simulate(w, pol, g, size if w == "kbuild" else None, seed, tlb_entries=tlb)
@@ -97,117 +113,149 @@ def history_predictions(preset_name: str = "p4-2006", size=None, seed: int = 0, 
     def w_of(g, pname):
         return calibration(g, pname)["work_per_access"]
 
-    rows = []
-    tdp = available("tdp")
-    # --- the seed and bypass: exits per fault ---------------------------------------------
-    steady = {}
-    for pol in CHAIN:
-        steady[pol] = _steady(run("demand", pol)) if pol != "tdp" or tdp else "n/a"
-    rows.append(_row("VM exits per steady demand fault, 64-bit guest: " + " -> ".join(CHAIN),
-                     None, "3 -> 2 -> 1 -> ? -> ? -> 0 (EPT: no exit once the frame is mapped)",
-                     "seed commit 0028425f64; KVM c7addb902054 (bypass, Sep 2007)",
-                     "counted, not priced", model_text=" -> ".join(steady[p] for p in steady),
-                     values={p: v for p, v in steady.items()}))
     g64 = w_of("64", preset_name)
+    out = []
+
+    def row(quantity, published, source):
+        def register(fn):
+            out.append((quantity, published, source, lambda: fn(quantity, published, source)))
+            return fn
+        return register
+
+    # --- the seed and bypass: exits per fault ---------------------------------------------
+    @row("VM exits per steady demand fault, 64-bit guest: " + " -> ".join(CHAIN),
+         "3 -> 2 -> 1 -> ? -> ? -> 0 (EPT: no exit once the frame is mapped)",
+         "seed commit 0028425f64; KVM c7addb902054 (bypass, Sep 2007)")
+    def _(q, pub, src):
+        steady = {pol: _steady(run("demand", pol)) if pol != "tdp" or tdp else "n/a" for pol in CHAIN}
+        return _row(q, None, pub, src, "counted, not priced", model_text=" -> ".join(steady.values()),
+                    values=steady)
+
     # --- the seed's kbuild claim, for the chain ---------------------------------------------
-    kz, ku = run("kbuild", "zap"), run("kbuild", "update")
-    rows.append(_row("kbuild, update vs zap (64-bit)", speedup(kz, ku, "64", preset, g64),
-                     "about 10% faster", "seed commit",
-                     f"{preset.name} prices; work fitted on this run (identity)",
-                     "no I/O, timer or kernel-side exits in the model's build: the saving concentrates "
-                     "(compare's kernel-side sensitivity brings it to ~8%)"))
+    @row("kbuild, update vs zap (64-bit)", "about 10% faster", "seed commit")
+    def _(q, pub, src):
+        return _row(q, speedup(run("kbuild", "zap"), run("kbuild", "update"), "64", preset, g64), pub, src,
+                    f"{preset.name} prices; work fitted on the zap run (the identity)",
+                    "no I/O, timer or kernel-side exits in the model's build: the saving concentrates "
+                    "(compare's kernel-side sensitivity: 50% of zap's exit cycles left alone halves it)")
+
     # --- out-of-sync shadows -------------------------------------------------------------------
-    kb, kn = run("kbuild", UNSYNC_BASE), run("kbuild", UNSYNC_NEW)
-    sens = {f"resync_pte_{v}": speedup(kb, kn, "64", with_prices(preset, resync_pte=v), g64)
-            for v in RESYNC_PTE_RANGE if v != preset.resync_pte}
-    sens["base_update"] = speedup(run("kbuild", "update"), run("kbuild", "update+unsync"), "64", preset, g64)
-    for other in PRESETS:
-        if other != preset_name:
-            sens[f"preset_{other}"] = speedup(kb, kn, "64", get_preset(other), w_of("64", other))
-    rows.append(_row(f"kbuild, {UNSYNC_NEW} vs {UNSYNC_BASE} (64-bit)", speedup(kb, kn, "64", preset, g64),
-                     "+10% (4-way 64-bit guest)", "KVM out-of-sync series, Tosatti 2008",
-                     f"{preset.name} prices, resync {preset.resync_pte:g} cycles/pte (ASSUMPTION)",
-                     "one vCPU: no remote TLB flushes or IPIs, whose cost unsync cuts on a 4-way guest; the "
-                     "model's kbuild writes few ptes per fault outside fork", sens))
-    fb, fn = run("fork", UNSYNC_BASE), run("fork", UNSYNC_NEW)
-    fsens = {f"resync_pte_{v}": speedup(fb, fn, "64", with_prices(preset, resync_pte=v), g64)
-             for v in RESYNC_PTE_RANGE if v != preset.resync_pte}
-    fsens["base_update"] = speedup(run("fork", "update"), run("fork", "update+unsync"), "64", preset, g64)
-    rows.append(_row("lat_proc fork latency, unsync (64-bit)", speedup(fb, fn, "64", preset, g64),
-                     "-40% (fork latency)", "KVM out-of-sync series, Tosatti 2008",
-                     f"{preset.name} prices; work per access fitted on kbuild, not on fork",
-                     "lat_proc fork in the model: fork + immediate exit + wait; the child's exit, the parent's "
-                     "COW and the page-table copy are what unsync changes", fsens, unit="latency"))
-    xen = {}
-    for g in ("32", "pae", "64"):
-        xen[g] = speedup(run("kbuild", "update", g), run("kbuild", "update+unsync", g), g, preset, w_of(g, preset_name))
-    rows.append(_row("kbuild, update+unsync vs update, 32 / PAE / 64-bit", None,
-                     "7-25% faster (Windows DDK build)", "Xen out-of-sync L1 shadows, 2008",
-                     f"{preset.name} prices; the model has no Windows guest: kbuild stands in",
-                     "a different guest OS, hypervisor and build",
-                     model_text=" / ".join(f"{v * 100:+.1f}%" for v in xen.values()),
-                     values={f"guest_{g}": v for g, v in xen.items()}))
+    def unsync_sens(w, base, new):
+        sens = {f"resync_pte_{v}": speedup(base, new, "64", with_prices(preset, resync_pte=v), g64)
+                for v in RESYNC_PTE_RANGE if v != preset.resync_pte}
+        sens["base_update"] = speedup(run(w, "update"), run(w, "update+unsync"), "64", preset, g64)
+        for other in PRESETS:
+            if other != preset_name:
+                sens[f"preset_{other}"] = speedup(base, new, "64", get_preset(other), w_of("64", other))
+        return sens
+
+    @row(f"kbuild, {UNSYNC_NEW} vs {UNSYNC_BASE} (64-bit)", "+10% (4-way 64-bit guest)",
+         "KVM out-of-sync series, Tosatti 2008")
+    def _(q, pub, src):
+        base, new = run("kbuild", UNSYNC_BASE), run("kbuild", UNSYNC_NEW)
+        return _row(q, speedup(base, new, "64", preset, g64), pub, src,
+                    f"{preset.name} prices, resync {preset.resync_pte:g} cycles/pte (ASSUMPTION)", UNSYNC_WHY,
+                    unsync_sens("kbuild", base, new))
+
+    @row("lat_proc fork latency, unsync (64-bit)", "-40% (fork latency)", "KVM out-of-sync series, Tosatti 2008")
+    def _(q, pub, src):
+        base, new = run("fork", UNSYNC_BASE), run("fork", UNSYNC_NEW)
+        return _row(q, speedup(base, new, "64", preset, g64), pub, src,
+                    f"{preset.name} prices; work per access fitted on kbuild, not on fork", FORK_WHY,
+                    unsync_sens("fork", base, new), unit="latency")
+
+    @row("kbuild, update+unsync vs update, 32 / PAE / 64-bit", "7-25% faster (Windows DDK build)",
+         "Xen out-of-sync L1 shadows, 2008")
+    def _(q, pub, src):
+        xen = {g: speedup(run("kbuild", "update", g), run("kbuild", "update+unsync", g), g, preset,
+                          w_of(g, preset_name)) for g in ("32", "pae", "64")}
+        return _row(q, None, pub, src, f"{preset.name} prices; the model has no Windows guest: kbuild stands in",
+                    "a different guest OS, hypervisor and build",
+                    model_text=" / ".join(f"{v * 100:+.1f}%" for v in xen.values()),
+                    values={f"guest_{g}": v for g, v in xen.items()})
+
     # --- two-dimensional paging (modern prices: PVM's figures are today's) ------------------------
-    if tdp:
-        sm, td = run("demand", SHADOW_NOW), run("demand", "tdp")
-        f_sm, f_td = fault_us(sm, modern), fault_us(td, modern)
-        rows.append(_row("page fault, shadow (modern) vs EPT (tdp), µs", None, "0.93 vs 0.15 µs", "PVM, SOSP 2023",
-                         "modern prices (0.78 µs a fault exit, 0.15 µs a guest #PF: from this very figure, "
-                         "assuming one exit per shadow fault)",
-                         "the comparison checks the exit count per fault: PVM's shadow fault takes one exit, "
-                         "the model's modern policy takes what the table shows",
-                         model_text=f"{_us(f_sm)} vs {_us(f_td)} µs", values={"shadow_us": f_sm, "tdp_us": f_td}))
-        wm = w_of("64", "modern")
-        per = {tlb: per_op_us(run("fork", "tdp", tlb=tlb), "64", modern, wm) for tlb in (MODEL_TLB_ENTRIES, REAL_TLB_ENTRIES)}
-        fork_sm = per_op_us(run("fork", SHADOW_NOW), "64", modern, wm)
-        rows.append(_row("fork, shadow (modern) vs EPT (tdp), µs per fork", None, "505 vs 82 µs", "PVM, SOSP 2023",
-                         "modern prices; work per access fitted on kbuild (not on fork); tdp at two TLB reaches",
-                         "lat_proc's child does almost nothing in the model; PVM's fork copies a real process",
-                         None,
-                         model_text=f"{fork_sm:.1f} vs {per[MODEL_TLB_ENTRIES]:.1f} "
-                                    f"(TLB {MODEL_TLB_ENTRIES:,}) / {per[REAL_TLB_ENTRIES]:.1f} (TLB {REAL_TLB_ENTRIES:,}) µs",
-                         values={"shadow_us": fork_sm, **{f"tdp_us_tlb_{t}": v for t, v in per.items()}}))
-        ks = run("kbuild", SHADOW_NOW)
-        ratio = {tlb: run_cycles(ks, "64", modern, wm) / run_cycles(run("kbuild", "tdp", tlb=tlb), "64", modern, wm)
-                 for tlb in (MODEL_TLB_ENTRIES, REAL_TLB_ENTRIES)}
-        wsens = {f"walk_ref_{v}_tlb_{REAL_TLB_ENTRIES}":
-                 run_cycles(ks, "64", modern, wm) / run_cycles(run("kbuild", "tdp", tlb=REAL_TLB_ENTRIES), "64",
-                                                               with_prices(modern, walk_ref=v), wm)
-                 for v in WALK_REF_RANGE if v != modern.walk_ref}
-        rows.append(_row("kernel build, shadow (modern) / EPT (tdp) time", ratio[REAL_TLB_ENTRIES],
-                         "about 1.83x", "KVM mailing list, 2011",
-                         f"modern prices; page-walk reference {modern.walk_ref:g} cycles (ASSUMPTION); TLB reach",
-                         "no caches: a 2-D walk is priced per reference; one vCPU",
-                         {**{f"tlb_{t}": v for t, v in ratio.items()}, **wsens}, unit="ratio",
-                         model_text=f"{ratio[MODEL_TLB_ENTRIES]:.2f}x (TLB {MODEL_TLB_ENTRIES:,}) / "
-                                    f"{ratio[REAL_TLB_ENTRIES]:.2f}x (TLB {REAL_TLB_ENTRIES:,})"))
-        tk = run("kbuild", "tdp")
-        stats = tk.get("mmu_stats_during_workload") or {}
-        n = GUEST_WALK_LEVELS["64"]
-        measured = (stats["walk_refs"] / stats["tlb_misses"]) if stats.get("tlb_misses") and stats.get("walk_refs") else None
-        rows.append(_row("2-D walk: memory references per TLB miss, 4-level guest on 4-level EPT", measured,
-                         "24; 3.9-4.6x a native walk's latency", "Bhargava et al., ASPLOS 2008",
-                         "the tdp MMU's walk counters (full walks: n*m+n+m)",
-                         f"the model prices each reference alike: a 2-D walk costs {walk_refs_2d(n) / n:.0f}x a "
-                         f"native walk ({walk_refs_2d(n)} / {n}), more than the measured 3.9-4.6x (page-walk caches)",
-                         unit="refs"))
+    tdp_rows = (("page fault, shadow (modern) vs EPT (tdp), µs", "0.93 vs 0.15 µs", "PVM, SOSP 2023"),
+                ("fork, shadow (modern) vs EPT (tdp), µs per fork", "505 vs 82 µs", "PVM, SOSP 2023"),
+                ("kernel build, shadow (modern) / EPT (tdp) time", "about 1.83x", "KVM mailing list, 2011"),
+                ("2-D walk: memory references per TLB miss, 4-level guest on 4-level EPT",
+                 "24; 3.9-4.6x a native walk's latency", "Bhargava et al., ASPLOS 2008"))
+    if not tdp:
+        for q, pub, src in tdp_rows:
+            out.append((q, pub, src, lambda q=q, pub=pub, src=src: _row(
+                q, None, pub, src, "the tdp policy", "the tdp MMU is not in this build")))
     else:
-        for q, pub, src in (("page fault, shadow (modern) vs EPT (tdp), µs", "0.93 vs 0.15 µs", "PVM, SOSP 2023"),
-                            ("fork, shadow (modern) vs EPT (tdp), µs per fork", "505 vs 82 µs", "PVM, SOSP 2023"),
-                            ("kernel build, shadow (modern) / EPT (tdp) time", "about 1.83x", "KVM mailing list, 2011"),
-                            ("2-D walk: memory references per TLB miss", "24", "Bhargava et al., ASPLOS 2008")):
-            rows.append(_row(q, None, pub, src, "the tdp policy", "the tdp MMU is not in this build"))
+        wm = w_of("64", "modern")
+        reaches = (MODEL_TLB_ENTRIES, REAL_TLB_ENTRIES)
+
+        @row(*tdp_rows[0])
+        def _(q, pub, src):
+            f_sm, f_td = fault_us(run("demand", SHADOW_NOW), modern), fault_us(run("demand", "tdp"), modern)
+            return _row(q, None, pub, src,
+                        "modern prices (0.78 µs a fault exit, 0.15 µs a guest #PF: from this very figure, "
+                        "assuming one exit per shadow fault)",
+                        "the row checks the exit count per fault: PVM's shadow fault is taken as one exit, the "
+                        "model's modern policy takes what the policies table shows",
+                        model_text=f"{_us(f_sm)} vs {_us(f_td)} µs", values={"shadow_us": f_sm, "tdp_us": f_td})
+
+        @row(*tdp_rows[1])
+        def _(q, pub, src):
+            per = {t: per_op_us(run("fork", "tdp", tlb=t), "64", modern, wm) for t in reaches}
+            sm = per_op_us(run("fork", SHADOW_NOW), "64", modern, wm)
+            return _row(q, None, pub, src,
+                        "modern prices; work per access fitted on kbuild (not on fork); tdp at two TLB reaches",
+                        "lat_proc's child does almost nothing in the model; PVM's fork copies a real process",
+                        model_text=f"{sm:.1f} vs {per[MODEL_TLB_ENTRIES]:.1f} (TLB {MODEL_TLB_ENTRIES:,}) / "
+                                   f"{per[REAL_TLB_ENTRIES]:.1f} (TLB {REAL_TLB_ENTRIES:,}) µs",
+                        values={"shadow_us": sm, **{f"tdp_us_tlb_{t}": v for t, v in per.items()}})
+
+        @row(*tdp_rows[2])
+        def _(q, pub, src):
+            t_sm = run_cycles(run("kbuild", SHADOW_NOW), "64", modern, wm)
+            ratio = {t: t_sm / run_cycles(run("kbuild", "tdp", tlb=t), "64", modern, wm) for t in reaches}
+            wsens = {f"walk_ref_{v}_tlb_{REAL_TLB_ENTRIES}":
+                     t_sm / run_cycles(run("kbuild", "tdp", tlb=REAL_TLB_ENTRIES), "64",
+                                       with_prices(modern, walk_ref=v), wm)
+                     for v in WALK_REF_RANGE if v != modern.walk_ref}
+            return _row(q, ratio[REAL_TLB_ENTRIES], pub, src,
+                        f"modern prices; page-walk reference {modern.walk_ref:g} cycles (ASSUMPTION); TLB reach",
+                        "no caches: a 2-D walk is priced per reference; one vCPU",
+                        {**{f"tlb_{t}": v for t, v in ratio.items()}, **wsens}, unit="ratio",
+                        model_text=f"{ratio[MODEL_TLB_ENTRIES]:.2f}x (TLB {MODEL_TLB_ENTRIES:,}) / "
+                                   f"{ratio[REAL_TLB_ENTRIES]:.2f}x (TLB {REAL_TLB_ENTRIES:,})")
+
+        @row(*tdp_rows[3])
+        def _(q, pub, src):
+            stats = run("kbuild", "tdp").get("mmu_stats_during_workload") or {}
+            n = GUEST_WALK_LEVELS["64"]
+            measured = stats["walk_refs"] / stats["tlb_misses"] if stats.get("tlb_misses") and stats.get("walk_refs") \
+                else None
+            return _row(q, measured, pub, src, "the tdp MMU's walk counters (full walks: n*m+n+m)",
+                        f"the model prices each reference alike: a 2-D walk costs {walk_refs_2d(n) / n:.0f}x a "
+                        f"native walk ({walk_refs_2d(n)} / {n}), more than the measured 3.9-4.6x (page-walk "
+                        "caches)", unit="refs")
+
     # --- the question: what is left of the seed's saving ------------------------------------------
-    share_u = surviving_share(kz, ku, run("kbuild", "zap+unsync"), run("kbuild", "update+unsync"), "64", preset, g64)
-    share_p = surviving_share(kz, ku, run("kbuild", "modern"), run("kbuild", "update+unsync+prefetch"), "64",
-                              preset, g64)
-    rows.append(_row("share of update's kbuild saving over zap left with unsync / unsync+prefetch (64-bit)",
-                     share_p, "modern KVM's pte-write path only zaps", "issue 11; KVM today",
-                     f"{preset.name} prices; (T_zap+x - T_update+x) / (T_zap - T_update)",
-                     "a small share left is the model's answer to why update_pte could go",
-                     {"unsync": share_u, "unsync_prefetch": share_p}, unit="share",
-                     model_text=f"{share_u * 100:.0f}% / {share_p * 100:.0f}%"))
-    return rows
+    @row("share of update's kbuild saving over zap left with unsync / unsync+prefetch (64-bit)",
+         "modern KVM's pte-write path only zaps", "issue 11; KVM today")
+    def _(q, pub, src):
+        kz, ku = run("kbuild", "zap"), run("kbuild", "update")
+        share_u = surviving_share(kz, ku, run("kbuild", "zap+unsync"), run("kbuild", "update+unsync"), "64",
+                                  preset, g64)
+        share_p = surviving_share(kz, ku, run("kbuild", "modern"), run("kbuild", "update+unsync+prefetch"), "64",
+                                  preset, g64)
+        return _row(q, share_p, pub, src, f"{preset.name} prices; (T_zap+x - T_update+x) / (T_zap - T_update)",
+                    "what is left is what update_pte still buys once unsync exists",
+                    {"unsync": share_u, "unsync_prefetch": share_p}, unit="share",
+                    model_text=f"{share_u * 100:.0f}% / {share_p * 100:.0f}%")
+
+    return out
+
+
+UNSYNC_WHY = ("one vCPU: no remote TLB flushes or IPIs, whose cost unsync also cuts on a 4-way guest; the base is "
+              "KVM's 2008 configuration (update+bypass)")
+FORK_WHY = ("lat_proc fork in the model: fork + immediate exit + wait; the parent's write-protect of its ptes, the "
+            "child's first faults and its exit are what unsync changes")
 
 
 def available(policy: str) -> bool:
