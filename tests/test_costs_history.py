@@ -224,3 +224,26 @@ def test_history_rows_price_the_runs_exit_counts(monkeypatch):
     assert rows[8]["model"] == pytest.approx(24.0)
     # the seed's saving left: (zap+unsync+prefetch - update+unsync+prefetch) / (zap - update)
     assert rows[9]["model"] == pytest.approx((1 * 17020) / (10 * 17020))
+
+
+def test_a_failed_run_is_a_row_that_says_so(monkeypatch, capsys):
+    import shadowmmu.analysis.report as report
+    from shadowmmu.guest.user import MemoryCheckError
+    real = report.run_report
+
+    def failing(workload, policy, *a, **kw):
+        if policy == "update":
+            raise MemoryCheckError("pid 3 (demand): 0x1000 reads 0x1, the process wrote 0x2")
+        return real(workload, policy, *a, **kw)
+    monkeypatch.setattr(report, "run_report", failing)
+    assert main(["compare", "demand", "--guest", "64", "--size", "16", "--frames", "warm",
+                 "--policies", "zap", "update", "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)["reports"]
+    assert "error" not in reports[0] and reports[1]["error"].startswith("MemoryCheckError: pid 3")
+    assert main(["compare", "demand", "--guest", "64", "--size", "16", "--frames", "warm",
+                 "--policies", "zap", "update"]) == 0
+    out = capsys.readouterr().out
+    assert "run failed" in out and "3 = i+w+f" in out
+    # the default table has no such rows: a failure there is an error
+    with pytest.raises(MemoryCheckError):
+        main(["compare", "demand", "--guest", "64", "--size", "16", "--frames", "warm"])
