@@ -170,7 +170,8 @@ def _row_makers(preset_name: str, size, seed: int):
         xen = {g: speedup(run("kbuild", "update", g), run("kbuild", "update+unsync", g), g, preset,
                           w_of(g, preset_name)) for g in ("32", "pae", "64")}
         return _row(q, None, pub, src, f"{preset.name} prices; the model has no Windows guest: kbuild stands in",
-                    "a different guest OS, hypervisor and build",
+                    "a different guest OS, hypervisor and build; PAE guests store a pte as two halves, which update "
+                    "cannot combine and unsync makes plain stores",
                     model_text=" / ".join(f"{v * 100:+.1f}%" for v in xen.values()),
                     values={f"guest_{g}": v for g, v in xen.items()})
 
@@ -252,10 +253,14 @@ def _row_makers(preset_name: str, size, seed: int):
     return out
 
 
-UNSYNC_WHY = ("one vCPU: no remote TLB flushes or IPIs, whose cost unsync also cuts on a 4-way guest; the base is "
-              "KVM's 2008 configuration (update+bypass)")
-FORK_WHY = ("lat_proc fork in the model: fork + immediate exit + wait; the parent's write-protect of its ptes, the "
-            "child's first faults and its exit are what unsync changes")
+UNSYNC_WHY = ("one vCPU: the emulated pte writes unsync removes cost no remote TLB flush (IPI) here, as they do on "
+              "a 4-way guest; a not-present pte of an out-of-sync table traps again (KVM's mmu_convert_notrap), "
+              "so a demand fault there costs i+f instead of bypass's w; and the hidden #PF that replaces an "
+              "emulated write is priced as [AA06]'s not-present->present update (ASSUMPTION), dearer than the write "
+              "on the 2006 presets, cheaper on modern")
+FORK_WHY = ("the model's lat_proc parent maps few pages (a 16-page heap): fork write-protects few ptes, the writes "
+            "unsync turns into plain stores; and the parent's tables are resynced and write-protected at every CR3 "
+            "load, so each fork pays one fault to take them out of sync again")
 
 
 def available(policy: str) -> bool:
