@@ -24,7 +24,7 @@ class AuditError(AssertionError):
 _probes: dict[tuple, object] = {}
 
 
-def _probe_cpu(guest):
+def probe_cpu(guest):
     """The guest's CPU state without SMEP/SMAP/PKU: a supervisor read then succeeds
     exactly when the guest's tables map the address, and reports its rights.
     Cached by register values (the audit runs after every lockstep step)."""
@@ -186,7 +186,7 @@ class _Where:
 def _audit_roots(mmu, vcpu) -> None:
     st = vcpu.mmu_state
     guest = vcpu.guest
-    probe = _probe_cpu(guest)
+    probe = probe_cpu(guest)
     # SMEP and SMAP are paging features: without guest paging they do not apply
     g_wp = bool(guest.cr0 & CR0_WP)
     g_smep, g_smap = (bool(guest.cr4 & CR4_SMEP), bool(guest.cr4 & CR4_SMAP)) if guest.paging else (False, False)
@@ -266,7 +266,7 @@ def _audit_roots(mmu, vcpu) -> None:
 
 def _audit_tlb(mmu, vcpu) -> None:
     """No hardware TLB entry grants more than the shadow tables do now (a missed flush)."""
-    hw = _probe_cpu(vcpu.hw)
+    hw = probe_cpu(vcpu.hw)
     for vpn, e in vcpu.tlb.small.items():
         va = vpn << 12
         try:
