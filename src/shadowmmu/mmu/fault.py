@@ -64,6 +64,10 @@ class FaultPath:
             if before:
                 self._log_changed_tables(before, pf.entries)
             st.last_pt_write_count = 0     # a real guest fault is not a fork storm
+            if self.unsync_enabled:
+                # a #PF invalidates the TLB entries of its page (SDM 4.10.4.1): a stale spte
+                # of an unsync page must not outlive it (KVM: kvm_inject_emulated_page_fault)
+                self.resync_gva(vcpu, vaddr)
             if self.tlb_flush_needed:
                 self.flush_tlbs()
             st.fault = pf

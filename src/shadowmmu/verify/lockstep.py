@@ -709,6 +709,15 @@ class LatitudeTlb(Tlb):
         super().invlpg(vaddr)
         self.could.pop(vaddr >> 12, None)
 
+    def translate(self, mem, cpu, vaddr: int, access: int = 0, probe: bool = False) -> int:
+        """A page fault invalidates the TLB entries of its page (SDM 4.10.4.1), the
+        ones the vCPU could hold too."""
+        try:
+            return super().translate(mem, cpu, vaddr, access, probe)
+        except PageFault:
+            self.could.pop(vaddr >> 12, None)
+            raise
+
     def flush(self) -> None:
         super().flush()
         self.could.clear()

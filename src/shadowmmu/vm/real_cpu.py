@@ -373,7 +373,13 @@ class RealVCpu(Intercepts, VCpu):
         if self.native:
             self._deliver(delivery.PF, error_code, cr2=vaddr)
             return None
-        if error_code & PF_RSVD:
+        if self.pfec_filter is not None:
+            mask, match, bit14 = self.pfec_filter       # bypass: the VMCS's #PF filter (roots.pfec_filter)
+            if ((error_code & mask) == match) != bit14:
+                self.stats["bypassed_faults"] += 1
+                self._deliver(delivery.PF, error_code, cr2=vaddr)
+                return None
+        elif error_code & PF_RSVD:
             raise MMUError(f"the hardware found reserved bits in an spte walking {vaddr:#x}")
         if self.stepping is not None and vaddr >> 12 in self.stepping.windows_by_page:
             raise MMUError(f"the emulation window of {vaddr:#x} faults")
