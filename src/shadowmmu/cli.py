@@ -140,7 +140,6 @@ def cmd_bench(args) -> int:
             for col in ("policy", "demand faults/s", "exits/fault", "by reason", "warm TLB-hit accesses/s",
                         "warm TLB-miss accesses/s"):
                 t.add_column(col, justify="right")
-            from .mmu.policy import parse_policy
             for r in rows:
                 by = r["exits_by_reason"] or {}
                 order = [k for k, _ in REASON_CODES]
@@ -815,7 +814,6 @@ def _by_reason_text(pf: dict) -> str:
 
 
 def _policy_label(r: dict) -> str:
-    from .mmu.policy import parse_policy
     if r["policy"] == "native":
         return "native"
     spec = parse_policy(r["policy"])
