@@ -13,7 +13,8 @@ out of sync:
     guest CR3 load, TLB flush              resync every unsync page reachable from the
                                            roots, found through ``unsync_children``
 
-A not-present spte of an unsync page is always the trap value (with ``+bypass``
+A cached page linked into a new path is resynced first (no TLB holds anything
+through that path).  A not-present spte of an unsync page is always the trap value (with ``+bypass``
 too): the guest may make a pte present without invalidating anything (no TLB caches
 a not-present entry, SDM 4.10.4.3), so that access must reach the MMU.  Only a gfn
 shadowed by a single level-1 page may go out of sync (KVM's kvm_unsync_page refuses
@@ -102,9 +103,15 @@ class OutOfSync:
     def sync_roots(self, vcpu) -> None:
         """Resync every unsync page reachable from the vCPU's roots (KVM's
         mmu_sync_roots): what a CR3 load or a full TLB flush owes the guest."""
-        if not self.unsync_pages:
-            return
-        stack = [sp for sp in vcpu.mmu_state.roots if sp is not None and sp.needs_sync]
+        if self.unsync_pages:
+            self.sync_tree(vcpu, vcpu.mmu_state.roots)
+
+    def sync_tree(self, vcpu, tops) -> None:
+        """Resync every unsync page below ``tops``, following unsync_children.  Also
+        what a cached page needs when the fault path links it into a new path: no
+        TLB ever held a translation through that path, so it must show the guest's
+        tables as they are (KVM's kvm_mmu_get_page syncs an unsync page it returns)."""
+        stack = [sp for sp in tops if sp is not None and sp.needs_sync]
         while stack:
             sp = stack.pop()
             if sp.unsync:
