@@ -78,15 +78,12 @@ class OutOfSync:
     def sync_page(self, vcpu, sp: ShadowPage) -> None:
         """Bring an unsync page back in sync (KVM's kvm_sync_page): write-protect its
         gfn again, then re-derive every present spte from its guest pte as it is now.
-        A page cached for another guest mode is zapped instead (its reserved-bit
-        rules are not the vCPU's now)."""
+        The page is always of the vCPU's current mode (KVM zaps one that is not): it
+        is reached from the vCPU's roots or linked by its fault path, and a second
+        role for its gfn zaps it (get_page)."""
         self._mark_sync(sp)
         self.stats["synced_pages"] += 1
         self.rmap_write_protect(sp.gfn)
-        cur = vcpu.mmu_state.base_role
-        if (sp.role.glevels, sp.role.nxe, sp.role.cr0_wp) != (cur.glevels, cur.nxe, cur.cr0_wp):
-            self.zap_page(sp)
-            return
         spt = sp.spt
         gptes = self.guest_ptes(sp)
         access = sp.role.access
