@@ -7,6 +7,7 @@ import pytest
 
 from shadowmmu.guest.minimal import USER_BASE, A, D, MiniGuest, P, U, W
 from shadowmmu.mmu.audit import AuditError, audit
+from shadowmmu.mmu.roots import pf_exits
 from shadowmmu.mmu.spte import SPTE_TRAP
 from shadowmmu.vm import VM
 from shadowmmu.x86.bits import PF_ID, PF_P, PF_RSVD, PF_U, PF_W
@@ -72,13 +73,12 @@ def test_a_fetch_fault_exits_when_the_guest_would_not_report_id():
 def test_the_filter_rule_is_the_vmcs_rule():
     """SDM 25.2: a #PF exits iff ((error code & PFEC_MASK) == PFEC_MATCH) equals bit 14 of
     the exception bitmap.  Check both settings against every error code's P and I/D."""
-    def exits(flt, ec):
-        mask, match, bit14 = flt
-        return ((ec & mask) == match) == bit14
     kvm, no_id = (PF_P, PF_P, True), (PF_P | PF_ID, 0, False)
     for ec in range(64):
-        assert exits(kvm, ec) == bool(ec & PF_P)
-        assert exits(no_id, ec) == bool(ec & (PF_P | PF_ID))
+        assert pf_exits(kvm, ec) == bool(ec & PF_P)
+        assert pf_exits(no_id, ec) == bool(ec & (PF_P | PF_ID))
+    # the bitmap bit inverts the decision
+    assert pf_exits((PF_P, PF_P, False), PF_P) is False and pf_exits((PF_P, PF_P, False), 0) is True
 
 
 @pytest.mark.parametrize("guest", ["32", "64"])

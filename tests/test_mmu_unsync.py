@@ -199,3 +199,26 @@ def test_a_page_fault_drops_the_stale_spte_of_its_page():
     with pytest.raises(PageFault):
         v.load(USER_BASE, 8)                                              # not the old frame
     audit(vm.mmu)
+
+
+def test_a_table_under_two_directory_entries_is_resynced_once_and_shows_the_new_pte_at_both():
+    """One page (same role) linked by two PDEs: the resync from the root meets it twice."""
+    vm, g, v = world("zap+unsync", "64")
+    table = g.pte_addr(USER_BASE) >> 12
+    pde_addr = translate(vm.gmem, v.guest, USER_BASE, 0, set_ad=False).entries[-2][1]
+    pde = v.load(pde_addr, 8)
+    v.store(pde_addr + 8, pde, 8)                         # the same table, the same rights: the same page
+    v.set_cpl(3)
+    assert v.load(USER_BASE + (2 << 20), 8) == 0x11
+    v.set_cpl(0)
+    assert len(vm.mmu.shadowed[table]) == 1
+    sp = vm.mmu.shadowed[table][0]
+    assert len(sp.parents) == 2
+    rewrite(vm, g, v, NEW)
+    rewrite(vm, g, v, NEWER)
+    assert sp.unsync and vm.mmu.by_hpfn[next(iter(sp.parents)) >> 12].unsync_children == 2
+    v.write_cr3(v.guest.cr3)
+    assert vm.mmu.stats["synced_pages"] == 1 and not sp.unsync
+    v.set_cpl(3)
+    assert v.load(USER_BASE, 8) == v.load(USER_BASE + (2 << 20), 8) == 0x33
+    audit(vm.mmu)

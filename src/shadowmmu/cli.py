@@ -11,21 +11,8 @@ from rich.table import Table
 from .analysis.costs import PRESETS
 from .guest.paging import GUEST_FORMATS
 from .mmu.mmu import POLICIES
-from .mmu.policy import PRESETS as POLICY_PRESETS, parse_policy
+from .mmu.policy import POLICY_HELP, parse_policy, policy_arg
 from .x86.formats import GUEST_MODES, PagingMode
-
-POLICY_HELP = ("zap|update, each with +bypass (guest not-present faults skip the hypervisor, 2007), +unsync "
-               "(out-of-sync leaf tables, 2008), +prefetch[N] (map N neighbouring ptes on a fault, 2010); "
-               "modern (zap+unsync+prefetch); tdp (two-dimensional paging, EPT)")
-
-
-def policy_arg(name: str) -> str:
-    """argparse type of --policy: any spelling parse_policy takes; a preset keeps its name."""
-    try:
-        spec = parse_policy(name)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return name if name in POLICY_PRESETS else spec.name
 
 
 class UsageError(Exception):

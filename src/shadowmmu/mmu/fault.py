@@ -163,6 +163,8 @@ class FaultPath:
                     continue
                 self.set_spte(sp, idx, self.trap_spte)     # the guest entry now calls for another page
             child = self.get_page(gfn, role)
+            if child.needs_sync:
+                self.sync_tree(vcpu, (child,))       # see OutOfSync.sync_tree
             self.set_spte(sp, idx, (child.hpfn << 12) | SPTE_TABLE)
             sp, level = child, child_level
         self.lru.move_to_end(sp)

@@ -202,13 +202,10 @@ class PageCache:
         return [quarter[i >> 1] for i in range(512)]
 
     def guest_pte(self, sp: ShadowPage, idx: int) -> int:
-        """The guest entry behind sptes[idx] of a non-direct page (see guest_ptes)."""
-        role = sp.role
-        if role.glevels != 2:
+        """The guest pte behind sptes[idx] of a guest leaf table's page (level 1)."""
+        if sp.role.glevels != 2:
             return self.gmem.qwords(sp.gfn)[idx]
-        if role.level == 1:
-            return self.gmem.dwords(sp.gfn)[role.quadrant * 512 + idx]
-        return self.gmem.dwords(sp.gfn)[role.quadrant * 256 + (idx >> 1)]
+        return self.gmem.dwords(sp.gfn)[sp.role.quadrant * 512 + idx]
 
     def nonpresent_spte(self, gpte: int) -> int:
         """What stands in for a mapping of a guest entry: 0 (bypass: "notrap") when the

@@ -8,10 +8,9 @@ paging on and CR0.WP=1, whatever the guest's mode (CR0.WP=0 is emulated).
 from __future__ import annotations
 
 from ..x86.bits import (
-    CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LME, EFER_NXE,
-    PTE_P,
+    CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LME, EFER_NXE, PF_ID,
+    PF_P, PTE_P,
 )
-from ..x86.bits import PF_ID, PF_P
 from ..x86.formats import PagingMode
 from .shadow_page import ShadowPage
 from .spte import SPTE_ADDR, Role
@@ -19,6 +18,14 @@ from .spte import SPTE_ADDR, Role
 # guest paging levels, as a role records them (0: paging off)
 GUEST_LEVELS = {PagingMode.NONE: 0, PagingMode.BITS32: 2, PagingMode.PAE: 3, PagingMode.LEVEL4: 4,
                 PagingMode.LEVEL5: 5}
+
+
+def pf_exits(pfec_filter: tuple[int, int, bool], error_code: int) -> bool:
+    """Whether a hardware #PF with ``error_code`` exits under the VMCS filter
+    (``Roots.pfec_filter``): iff ((error code & PFEC_MASK) == PFEC_MATCH) equals bit 14
+    of the exception bitmap (SDM 25.2)."""
+    mask, match, bit14 = pfec_filter
+    return ((error_code & mask) == match) == bit14
 
 
 class VcpuMmuState:

@@ -13,7 +13,8 @@ out of sync:
     guest CR3 load, TLB flush              resync every unsync page reachable from the
                                            roots, found through ``unsync_children``
 
-A not-present spte of an unsync page is always the trap value (with ``+bypass``
+A cached page linked into a new path is resynced first (no TLB holds anything
+through that path).  A not-present spte of an unsync page is always the trap value (with ``+bypass``
 too): the guest may make a pte present without invalidating anything (no TLB caches
 a not-present entry, SDM 4.10.4.3), so that access must reach the MMU.  Only a gfn
 shadowed by a single level-1 page may go out of sync (KVM's kvm_unsync_page refuses
@@ -77,15 +78,12 @@ class OutOfSync:
     def sync_page(self, vcpu, sp: ShadowPage) -> None:
         """Bring an unsync page back in sync (KVM's kvm_sync_page): write-protect its
         gfn again, then re-derive every present spte from its guest pte as it is now.
-        A page cached for another guest mode is zapped instead (its reserved-bit
-        rules are not the vCPU's now)."""
+        The page is always of the vCPU's current mode (KVM zaps one that is not): it
+        is reached from the vCPU's roots or linked by its fault path, and a second
+        role for its gfn zaps it (get_page)."""
         self._mark_sync(sp)
         self.stats["synced_pages"] += 1
         self.rmap_write_protect(sp.gfn)
-        cur = vcpu.mmu_state.base_role
-        if (sp.role.glevels, sp.role.nxe, sp.role.cr0_wp) != (cur.glevels, cur.nxe, cur.cr0_wp):
-            self.zap_page(sp)
-            return
         spt = sp.spt
         gptes = self.guest_ptes(sp)
         access = sp.role.access
@@ -102,9 +100,15 @@ class OutOfSync:
     def sync_roots(self, vcpu) -> None:
         """Resync every unsync page reachable from the vCPU's roots (KVM's
         mmu_sync_roots): what a CR3 load or a full TLB flush owes the guest."""
-        if not self.unsync_pages:
-            return
-        stack = [sp for sp in vcpu.mmu_state.roots if sp is not None and sp.needs_sync]
+        if self.unsync_pages:
+            self.sync_tree(vcpu, vcpu.mmu_state.roots)
+
+    def sync_tree(self, vcpu, tops) -> None:
+        """Resync every unsync page below ``tops``, following unsync_children.  Also
+        what a cached page needs when the fault path links it into a new path: no
+        TLB ever held a translation through that path, so it must show the guest's
+        tables as they are (KVM's kvm_mmu_get_page syncs an unsync page it returns)."""
+        stack = [sp for sp in tops if sp is not None and sp.needs_sync]
         while stack:
             sp = stack.pop()
             if sp.unsync:

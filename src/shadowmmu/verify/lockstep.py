@@ -406,14 +406,23 @@ class Generator:
             # lands without an exit), then invalidates in one of its ways, or not at all: a vCPU
             # that invalidated must see the new pte, one that did not may see either
             other = 1 - v
-            ops = [self.mapping(va, 1, (ch.choice(DATA) << 12) | P | W | U | A | D, v), Op("invlpg", (va,), v),
+            table = ch.choice(POOL)
+            link = (table << 12) | P | W | U | A
+            ops = [self.mapping(va, 2, link, v),
+                   self.mapping(va, 1, (ch.choice(DATA) << 12) | P | W | U | A | D, v), Op("invlpg", (va,), v),
                    self.access(va=va, vcpu=v, kind="read"), self.access(va=va, vcpu=other, kind="read"),
                    self.mapping(va, 1, (ch.choice(DATA) << 12) | P | W | U | A | D, v),
                    self.mapping(va, 1, self.junk((ch.choice(DATA) << 12) | self.flags()), v)]
             ops += ch.choice(([Op("invlpg", (va,), v)], [Op("flush", (), v)], [Op("shootdown", ("invlpg", va))],
                               [Op("pge", (True,), v), Op("pge", (False,), v)], []))
-            return ops + [self.access(va=va, vcpu=v), self.access(va=va, vcpu=other),
-                          self.access(va=va, vcpu=v, kind="store")]
+            ops += [self.access(va=va, vcpu=v), self.access(va=va, vcpu=other),
+                    self.access(va=va, vcpu=v, kind="store")]
+            if ch.chance(0.5):
+                # the same (maybe out-of-sync) table linked under a second directory entry: nothing
+                # was ever cached through that path, so it must show the pte as it is now
+                va2 = va ^ (1 << (22 if self.mode is PagingMode.BITS32 else 21))
+                ops += [self.mapping(va2, 2, link, v), self.access(va=va2, vcpu=v)]
+            return ops
         if kind == "user_writes_table":
             # map a page table frame user-writable, shadow it, then user code stores to it
             table = ch.choice(POOL + ROOTS)

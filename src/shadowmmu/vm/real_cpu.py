@@ -32,6 +32,7 @@ import unicorn as U
 import unicorn.x86_const as X
 
 from ..mmu.mmu import MMUError, PfResult
+from ..mmu.roots import pf_exits
 from ..x86.bits import ACC_IMPLICIT, ACC_WRITE, EFER_LMA, PF_ID, PF_RSVD, PF_U, PF_W, PTE_A, PTE_D, PTE_P, PTE_U, PTE_W
 from ..x86.faults import PageFault
 from ..x86.tlb import Tlb
@@ -374,8 +375,7 @@ class RealVCpu(Intercepts, VCpu):
             self._deliver(delivery.PF, error_code, cr2=vaddr)
             return None
         if self.pfec_filter is not None:
-            mask, match, bit14 = self.pfec_filter       # bypass: the VMCS's #PF filter (roots.pfec_filter)
-            if ((error_code & mask) == match) != bit14:
+            if not pf_exits(self.pfec_filter, error_code):       # bypass: the VMCS's #PF filter
                 self.stats["bypassed_faults"] += 1
                 self._deliver(delivery.PF, error_code, cr2=vaddr)
                 return None

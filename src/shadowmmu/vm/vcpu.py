@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ..mmu.mmu import MMUError, PfResult
+from ..mmu.roots import pf_exits
 from ..x86.bits import (
     ACC_FETCH, ACC_USER, ACC_WRITE, CR0_PG, CR4_LA57, CR4_PAE, CR4_PGE, CR4_PKE, CR4_PSE, CR4_SMAP,
     CR4_SMEP, EFER_LME,
@@ -291,8 +292,7 @@ class VCpu:
         try:
             translate(self.host, self.hw, vaddr, access, record=False)
         except PageFault as pf:
-            mask, match, bit14 = self.pfec_filter
-            if ((pf.error_code & mask) == match) != bit14:
+            if not pf_exits(self.pfec_filter, pf.error_code):
                 self.stats["bypassed_faults"] += 1
                 if self.events.tracing:
                     self.events.note("#PF bypassed", f"#PF at {vaddr:#x} error code {pf.error_code:#x} goes "
