@@ -796,7 +796,8 @@ def _by_reason_text(pf: dict) -> str:
                        if kv[0] in codes else 99):
         code = codes.get(r, "o")
         k = round(n, 2)
-        parts.append(code if k == 1 else f"{k:g}{code}")
+        if k:                                   # a reason in fewer than 1 in 200 faults rounds away
+            parts.append(code if k == 1 else f"{k:g}{code}")
     return f"{total} = " + "+".join(parts)
 
 
