@@ -168,3 +168,20 @@ def test_an_mmio_mapping_under_bypass_always_exits():
     assert vm.exits["mmio"] == 3 and len(dev.log) == 3
     assert spte_of(vm, g, USER_BASE) == SPTE_TRAP
     vm.audit()
+
+
+def test_one_used_update_does_not_turn_the_flood_detector_off():
+    """KVM resets last_pte_updated with the count: without that, once the guest used one
+    updated spte, writes that update nothing never counted again (kbuild took 15x the
+    pte-write exits; found by the compare helper)."""
+    vm = VM(16 << 20, policy="update+bypass")
+    g = MiniGuest(vm, "64")
+    v = vm.vcpu
+    v.set_cpl(3)
+    v.store(USER_BASE, 1, 8)                     # shadowed; a demand fault whose update the guest used
+    v.store(USER_BASE + 4096, 2, 8)
+    v.set_cpl(0)
+    for i in range(20, 24):                      # not-present values: nothing to update, nothing used
+        v.store(g.pte_addr(USER_BASE + i * 4096), (0x300 + i) << 12, 8)
+    assert vm.mmu.stats["flooded"] == 1
+    vm.audit()

@@ -82,6 +82,7 @@ class PteWrites:
             st.last_pt_write_count += 1
         else:
             st.last_pt_write_gfn, st.last_pt_write_count = gfn, 1
+            st.last_pte_updated = -1     # a used update resets the count once, not for good
         return st.last_pt_write_count >= FLOOD_THRESHOLD
 
     def _last_update_used(self, st) -> bool:
