@@ -93,9 +93,13 @@ def test_tdp_prices_ept_violations_and_extra_walk_references():
     tdp = _run("tdp", {"ept_violation": 2}, tlb_misses=50)
     assert run_cycles(tdp, "64", P4, w) == pytest.approx(native + 2 * (RT + 12680) + 50 * 20 * 20)
     assert run_cycles(tdp, "pae", P4, w) == pytest.approx(native + 2 * (RT + 12680) + 50 * 12 * 20)
-    # the MMU's own count of 2-D walks wins over the vCPU TLB's
+    # the MMU's own count of 2-D walks and of the references they read wins over the vCPU TLB's:
+    # 30 full walks read 30 x 24 references, 4 of each a native walk reads too
     tdp2 = _run("tdp", {}, tlb_misses=50, stats={"tlb_misses": 30, "walk_refs": 720})
     assert run_cycles(tdp2, "64", P4, w) == pytest.approx(native + 30 * 20 * 20)
+    # walks an EPT violation cut short read fewer; EPT walks that set D read more
+    tdp3 = _run("tdp", {}, stats={"tlb_misses": 30, "walk_refs": 600, "ept_d_assist_refs": 8})
+    assert run_cycles(tdp3, "64", P4, w) == pytest.approx(native + (600 + 8 - 4 * 30) * 20)
     # a shadow run's TLB misses are in the fitted work (its walks are native-length)
     shadow = _run("update", {}, tlb_misses=50)
     assert run_cycles(shadow, "64", P4, w) == pytest.approx(native)

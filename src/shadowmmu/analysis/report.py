@@ -25,7 +25,7 @@ from ..guest.kernel import FRAMES, RESERVED_FRAMES
 from ..mmu.policy import parse_policy
 from ..vm import VM
 from .costs import (
-    CR_WORK, CR_WORK_RANGE, KBUILD_NATIVE_S, KBUILD_SHADOW_S, KBUILD_SLOWDOWN,
+    CR_WORK, CR_WORK_RANGE, GUEST_WALK_LEVELS, KBUILD_NATIVE_S, KBUILD_SHADOW_S, KBUILD_SLOWDOWN,
     estimate, exit_cycles, extra_walk_refs, fit_work_per_access, get_preset, speedup_identity, with_cr_work,
 )
 from .run import run_workload
@@ -208,14 +208,23 @@ def _guest_faults(ev: dict) -> int:
 
 def priced_counts(r: dict, guest: str) -> dict:
     """What the cost model prices in a run beyond its exits: guest ptes re-read by unsync
-    resyncs, and (tdp) the page-walk references beyond a native walk's.  TLB misses come
-    from the MMU's own count of 2-D walks when it keeps one, else from the vCPU's TLB."""
+    resyncs, and (tdp) the page-walk references beyond a native walk's n per TLB miss.
+    The tdp MMU counts the references its 2-D walks read (``walk_refs``, plus the EPT
+    walks that set a D bit, ``ept_d_assist_refs``); without those counters, each TLB miss
+    (the vCPU TLB's) is taken as a full walk, n*m + n + m references."""
     stats = r.get("mmu_stats_during_workload") or {}
     tdp = is_tdp(r["policy"])
-    misses = stats.get("tlb_misses", r.get("tlb_misses_during_workload", 0)) if tdp else 0
-    return {"resynced_ptes": stats.get("resynced_ptes", 0), "tlb_misses": misses,
-            "walk_refs": stats.get("walk_refs") if tdp else None,
-            "extra_walk_refs": extra_walk_refs(guest, misses) if tdp else 0}
+    if not tdp:
+        return {"resynced_ptes": stats.get("resynced_ptes", 0), "tlb_misses": 0, "walk_refs": None,
+                "extra_walk_refs": 0}
+    misses = stats.get("tlb_misses", r.get("tlb_misses_during_workload", 0))
+    refs = stats.get("walk_refs")
+    if refs is None:
+        extra = extra_walk_refs(guest, misses)
+    else:
+        refs += stats.get("ept_d_assist_refs", 0)
+        extra = max(0, refs - GUEST_WALK_LEVELS[guest] * misses)
+    return {"resynced_ptes": 0, "tlb_misses": misses, "walk_refs": refs, "extra_walk_refs": extra}
 
 
 def run_report(workload: str, policy: str, guest: str, size=None, seed: int = 0, preset: str = "p4-2006",
