@@ -878,8 +878,9 @@ POLICIES_KEY = (
     "l INVLPG, e EPT violation, o other;",
     "  a bypassed guest fault (+bypass; every guest fault under tdp) is no exit: it costs a native guest #PF.",
     "resynced ptes: guest ptes re-read by out-of-sync resyncs (priced per pte, an ASSUMPTION, docs/sources.md);",
-    "2-D walk refs: page-walk references a tdp TLB miss makes beyond a native walk's (n*m+m, m=4), priced per "
-    "reference (an ASSUMPTION); tdp runs at the model's TLB reach and at a real STLB's (both shown).",
+    "2-D walk refs: references the tdp MMU's walks read beyond a native walk's n per TLB miss (a full 2-D walk: n*m+m "
+    "more, m=4),",
+    "  priced per reference (an ASSUMPTION); tdp runs at the model's TLB reach and at a real STLB's (both shown).",
 )
 
 
