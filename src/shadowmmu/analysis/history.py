@@ -68,7 +68,7 @@ def surviving_share(zap: dict, update: dict, zap_x: dict, update_x: dict, guest:
     return after / before
 
 
-UNITS = {"faster": lambda v: f"{v * 100:+.1f}% faster", "latency": lambda v: f"{-v * 100:+.1f}% latency",
+UNITS = {"faster": lambda v: f"{v * 100:.1f}% faster" if v >= 0 else f"{-v * 100:.1f}% slower", "latency": lambda v: f"{-v * 100:+.1f}% latency",
          "ratio": lambda v: f"{v:.2f}x", "share": lambda v: f"{v * 100:.0f}%", "refs": lambda v: f"{v:.1f}"}
 
 
