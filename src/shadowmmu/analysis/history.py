@@ -172,7 +172,7 @@ def _row_makers(preset_name: str, size, seed: int):
         return _row(q, None, pub, src, f"{preset.name} prices; the model has no Windows guest: kbuild stands in",
                     "a different guest OS, hypervisor and build; PAE guests store a pte as two halves, which update "
                     "cannot combine and unsync makes plain stores",
-                    model_text=" / ".join(f"{v * 100:+.1f}%" for v in xen.values()),
+                    model_text=" / ".join(UNITS["faster"](v) for v in xen.values()),
                     values={f"guest_{g}": v for g, v in xen.items()})
 
     # --- two-dimensional paging (modern prices: PVM's figures are today's) ------------------------
