@@ -197,8 +197,8 @@ def _fake_simulate(workload, policy, guest, size=None, seed=0, progress=None, *,
     exits = FAKE_EXITS[policy]
     stats = {"resynced_ptes": 8} if "unsync" in policy else None
     if policy == "tdp":
-        stats = {"tlb_misses": 10 if tlb_entries == MODEL_TLB_ENTRIES or tlb_entries is None else 100,
-                 "walk_refs": 240 if tlb_entries != REAL_TLB_ENTRIES else 2400}
+        n = 100 if tlb_entries == REAL_TLB_ENTRIES else 10
+        stats = {"tlb_misses": n, "walk_refs": 24 * n, "complete_walks": n - 1, "complete_walk_refs": 24 * (n - 1)}
     return _run(policy, exits, stats=stats, steady=(10, exits))
 
 

@@ -192,22 +192,27 @@ def _row_makers(preset_name: str, size, seed: int):
         @row(*tdp_rows[0])
         def _(q, pub, src):
             f_sm, f_td = fault_us(run("demand", SHADOW_NOW), modern), fault_us(run("demand", "tdp"), modern)
-            return _row(q, None, pub, src,
+            return _row(q, f_sm / f_td if f_sm and f_td else None, pub + " (6.2x)", src,
                         "modern prices (0.78 µs a fault exit, 0.15 µs a guest #PF: from this very figure, "
                         "assuming one exit per shadow fault)",
                         "the row checks the exit count per fault: PVM's shadow fault is taken as one exit, the "
                         "model's modern policy takes what the policies table shows",
-                        model_text=f"{_us(f_sm)} vs {_us(f_td)} µs", values={"shadow_us": f_sm, "tdp_us": f_td})
+                        unit="ratio", model_text=f"{_us(f_sm)} vs {_us(f_td)} µs: {f_sm / f_td:.1f}x",
+                        values={"shadow_us": f_sm, "tdp_us": f_td})
 
         @row(*tdp_rows[1])
         def _(q, pub, src):
             per = {t: per_op_us(run("fork", "tdp", tlb=t), "64", modern, wm) for t in reaches}
             sm = per_op_us(run("fork", SHADOW_NOW), "64", modern, wm)
-            return _row(q, None, pub, src,
+            ratio = {t: sm / v for t, v in per.items()}
+            return _row(q, ratio[REAL_TLB_ENTRIES], pub + " (6.2x)", src,
                         "modern prices; work per access fitted on kbuild (not on fork); tdp at two TLB reaches",
-                        "lat_proc's child does almost nothing in the model; PVM's fork copies a real process",
-                        model_text=f"{sm:.1f} vs {per[MODEL_TLB_ENTRIES]:.1f} (TLB {MODEL_TLB_ENTRIES:,}) / "
-                                   f"{per[REAL_TLB_ENTRIES]:.1f} (TLB {REAL_TLB_ENTRIES:,}) µs",
+                        "the model's fork is small (a parent with a 16-page heap, no kernel work but page tables): "
+                        "compare the ratio, not the µs",
+                        {f"tlb_{t}": v for t, v in ratio.items()}, unit="ratio",
+                        model_text=f"{sm:.1f} vs {per[MODEL_TLB_ENTRIES]:.2f} (TLB {MODEL_TLB_ENTRIES:,}) / "
+                                   f"{per[REAL_TLB_ENTRIES]:.2f} (TLB {REAL_TLB_ENTRIES:,}) µs: "
+                                   f"{ratio[MODEL_TLB_ENTRIES]:.0f}x / {ratio[REAL_TLB_ENTRIES]:.0f}x",
                         values={"shadow_us": sm, **{f"tdp_us_tlb_{t}": v for t, v in per.items()}})
 
         @row(*tdp_rows[2])
@@ -229,9 +234,9 @@ def _row_makers(preset_name: str, size, seed: int):
         def _(q, pub, src):
             stats = run("kbuild", "tdp").get("mmu_stats_during_workload") or {}
             n = GUEST_WALK_LEVELS["64"]
-            measured = stats["walk_refs"] / stats["tlb_misses"] if stats.get("tlb_misses") and stats.get("walk_refs") \
-                else None
-            return _row(q, measured, pub, src, "the tdp MMU's walk counters (full walks: n*m+n+m)",
+            measured = (stats["complete_walk_refs"] / stats["complete_walks"]) if stats.get("complete_walks") else None
+            return _row(q, measured, pub, src, "the tdp MMU's walk counters: references per walk that ended in a "
+                        "translation (a walk an EPT violation cut short reads fewer)",
                         f"the model prices each reference alike: a 2-D walk costs {walk_refs_2d(n) / n:.0f}x a "
                         f"native walk ({walk_refs_2d(n)} / {n}), more than the measured 3.9-4.6x (page-walk "
                         "caches)", unit="refs")
