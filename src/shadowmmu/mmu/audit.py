@@ -14,7 +14,7 @@ from ..x86.bits import CR0_WP, CR4_PKE, CR4_SMAP, CR4_SMEP, PTE_A, PTE_D, R_ALL,
 from ..x86.cpu import A_F, A_SMAP_OVERRIDE, A_U, A_W, permission_faults
 from ..x86.faults import PageFault
 from ..x86.walker import translate
-from .spte import SPTE_ADDR, SPTE_MMIO, SPTE_NX, SPTE_P, SPTE_PRESENT_TEST, SPTE_TRAP, SPTE_W
+from .spte import SPTE_ADDR, SPTE_MMIO, SPTE_NX, SPTE_P, SPTE_TRAP, SPTE_W
 
 
 class AuditError(AssertionError):
@@ -72,7 +72,7 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
         _audit_nonpresent(mmu, sp, trap)
         for idx in _present(spt):
             spte = spt[idx]
-            if spte & SPTE_PRESENT_TEST != SPTE_P:
+            if not spte & SPTE_P or spte == SPTE_TRAP:
                 continue
             present += 1
             addr = (sp.hpfn << 12) | (idx << 3)
@@ -138,7 +138,7 @@ def _audit_nonpresent(mmu, sp, trap: int) -> None:
                 raise AuditError(f"{sp!r}[{idx}] = 0 (bypass: not-present faults go to the guest), but the "
                                  f"guest entry {gptes[idx]:#x} is present")
     for idx, v in enumerate(values):
-        if v and v & SPTE_PRESENT_TEST != SPTE_P and v != SPTE_TRAP:
+        if v and not v & SPTE_P:
             raise AuditError(f"{sp!r}[{idx}] = {v:#x}: under bypass a non-mapping must be 0 or the trap value")
 
 
@@ -215,7 +215,7 @@ def _audit_roots(mmu, vcpu) -> None:
             continue            # its leaves may be stale until the guest invalidates: the architecture's latitude
         for idx in _present(spt):
             spte = spt[idx]
-            if spte & SPTE_PRESENT_TEST != SPTE_P:
+            if not spte & SPTE_P or spte == SPTE_TRAP:
                 continue
             va = base | (idx << shift)
             rights = above & (((spte >> 1) & 1) | ((spte >> 1) & 2) | (0 if spte & SPTE_NX else R_X))

@@ -19,7 +19,7 @@ from ..x86.faults import PageFault
 from ..x86.walker import translate
 from .page_cache import MMUError
 from .shadow_page import ShadowPage
-from .spte import R_DIRTY, SPTE_ADDR, SPTE_P, SPTE_PRESENT_TEST, SPTE_TABLE, make_spte
+from .spte import R_DIRTY, SPTE_ADDR, SPTE_P, SPTE_TABLE, SPTE_TRAP, make_spte
 
 # the guest page-mapping level of a translation, by page size
 _GUEST_PAGE_LEVEL = {12: 1, 21: 2, 22: 2, 30: 3}
@@ -126,7 +126,7 @@ class FaultPath:
             child_level = level - 1
             large = glevels == 0 or gpage_level >= level
             spte = sp.spt[idx]
-            present = spte & SPTE_PRESENT_TEST == SPTE_P
+            present = spte & SPTE_P and spte != SPTE_TRAP
             if present and not large:
                 child = self.by_hpfn[(spte & SPTE_ADDR) >> 12]
                 if not child.role.direct:
@@ -184,16 +184,11 @@ class FaultPath:
         Only guest page tables are prefetched here, not the direct pages of large pages."""
         n = self.prefetch_ptes
         spt = sp.spt
-        wide = sp.role.glevels >= 3
-        table = sp.gfn << 12
-        quarter = sp.role.quadrant << 9          # a 32-bit table's half that this page shadows
         access = sp.role.access
         for i in range(idx & ~(n - 1), (idx & ~(n - 1)) + n):
-            if i == idx or spt[i] & SPTE_PRESENT_TEST == SPTE_P:
+            if i == idx or spt[i] & SPTE_P and spt[i] != SPTE_TRAP:
                 continue
-            gpte = (self.gmem.read_uint(table + 8 * i, 8) if wide else
-                    self.gmem.read_uint(table + 4 * (quarter | i), 4))
-            spte = self.spte_from_gpte(vcpu, sp, gpte, access)
+            spte = self.spte_from_gpte(vcpu, sp, self.guest_pte(sp, i), access)
             if spte:
                 self.stats["prefetched"] += 1
                 self.set_spte(sp, i, spte)
@@ -227,7 +222,7 @@ class FaultPath:
             self.set_spte(sp, idx, self.leaf_spte(sp, gfn, rights, walk.dirty, leaf))
             return PfResult.EMULATE
         spte = self.leaf_spte(sp, gfn, rights, walk.dirty, leaf)
-        if spte & SPTE_PRESENT_TEST != SPTE_P:
+        if not spte & SPTE_P or spte == SPTE_TRAP:
             self.set_spte(sp, idx, spte)
             return PfResult.EMULATE            # MMIO (or nothing) behind the gpa
         if write and gfn in self.shadowed:

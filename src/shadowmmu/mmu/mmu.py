@@ -28,7 +28,7 @@ from collections import OrderedDict
 from .dirty_log import DirtyLog
 from .fault import FaultPath, PfResult
 from .page_cache import MMUError, PageCache
-from .policy import PREFETCH_SIZES, PTE_WRITE_POLICIES, MmuPolicy, parse_policy, policy_names
+from .policy import PREFETCH_SIZES, PTE_WRITE_POLICIES, MmuPolicy, policy_names
 from .pte_write import FLOOD_THRESHOLD, PteWrites
 from .roots import Roots, VcpuMmuState
 from .shadow_page import ShadowPage

@@ -13,7 +13,7 @@ from array import array
 
 from ..x86.bits import PTE_P
 from .shadow_page import ShadowPage
-from .spte import SPTE_ADDR, SPTE_P, SPTE_PRESENT_TEST, SPTE_W, Role
+from .spte import SPTE_ADDR, SPTE_P, SPTE_TRAP, SPTE_W, Role
 
 
 class MMUError(RuntimeError):
@@ -36,7 +36,7 @@ class PageCache:
             return
         addr = (sp.hpfn << 12) | (idx << 3)
         level = sp.role.level
-        if old & SPTE_PRESENT_TEST == SPTE_P:
+        if old & SPTE_P and old != SPTE_TRAP:
             if level > 1:
                 child = self.by_hpfn[(old & SPTE_ADDR) >> 12]
                 child.parents.discard(addr)
@@ -52,7 +52,7 @@ class PageCache:
             sp.nr_present -= 1
             # a cached translation may rest on the old value
             self.tlb_flush_needed = True
-        if new & SPTE_PRESENT_TEST == SPTE_P:
+        if new & SPTE_P and new != SPTE_TRAP:
             if level > 1:
                 child = self.by_hpfn[(new & SPTE_ADDR) >> 12]
                 child.parents.add(addr)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ..x86.bits import PTE_A, PTE_D, PTE_P, R_ALL
 from .shadow_page import ShadowPage
-from .spte import SPTE_A, SPTE_ADDR, SPTE_P, SPTE_PRESENT_TEST, gpte_rights
+from .spte import SPTE_A, SPTE_ADDR, SPTE_P, SPTE_TRAP, gpte_rights
 
 FLOOD_THRESHOLD = 3       # consecutive emulated writes to one gfn before it is unshadowed
 
@@ -155,4 +155,4 @@ class PteWrites:
         rights = gpte_rights(gpte, wide, sp.role.nxe) & access
         gfn = (gpte & (SPTE_ADDR if wide else 0xFFFFF000)) >> 12
         spte = self.leaf_spte(sp, gfn, rights, bool(gpte & PTE_D), gpte)
-        return spte if spte & SPTE_PRESENT_TEST == SPTE_P else 0
+        return spte if spte & SPTE_P and spte != SPTE_TRAP else 0

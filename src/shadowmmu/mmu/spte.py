@@ -41,10 +41,8 @@ SPTE_ADDR = 0x000FFFFFFFFFF000
 # reserved bit, a RSVD fault (P=1 in the error code), always an exit.  Without
 # bypass the trap value is 0.  An spte of 0 under bypass ("notrap") is kept only
 # where the guest's own entry is not present, so the guest's fault is its own.
-# Bit 52 is never set in an spte the MMU makes: ``spte & SPTE_PRESENT_TEST ==
-# SPTE_P`` tells a mapping from the trap value in one test.
+# A mapping is ``spte & SPTE_P and spte != SPTE_TRAP`` (KVM's is_shadow_present_pte).
 SPTE_TRAP = (1 << 64) - 1
-SPTE_PRESENT_TEST = SPTE_P | (1 << 52)
 # A non-leaf spte grants everything; rights are enforced at the leaf, which
 # carries the AND of every level's rights (the role's inherited access).
 SPTE_TABLE = SPTE_P | SPTE_W | SPTE_U | SPTE_A

@@ -26,7 +26,7 @@ from __future__ import annotations
 from array import array
 
 from .shadow_page import ShadowPage
-from .spte import SPTE_ADDR, SPTE_P, SPTE_PRESENT_TEST
+from .spte import SPTE_ADDR, SPTE_P, SPTE_TRAP
 
 
 class OutOfSync:
@@ -89,7 +89,7 @@ class OutOfSync:
         access = sp.role.access
         for idx, spte in enumerate(spt.tolist()):
             gpte = gptes[idx]
-            if spte & SPTE_PRESENT_TEST == SPTE_P:
+            if spte & SPTE_P and spte != SPTE_TRAP:
                 self.stats["resynced_ptes"] += 1
                 self.set_spte(sp, idx, self.spte_from_gpte(vcpu, sp, gpte, access) or self.nonpresent_spte(gpte))
             elif spte != self.nonpresent_spte(gpte):
@@ -118,7 +118,7 @@ class OutOfSync:
                 continue                        # synced already through another path
             spt = sp.spt
             for spte in spt.tolist():
-                if spte & SPTE_PRESENT_TEST == SPTE_P:
+                if spte & SPTE_P and spte != SPTE_TRAP:
                     child = self.by_hpfn[(spte & SPTE_ADDR) >> 12]
                     if child.needs_sync:
                         stack.append(child)
@@ -137,7 +137,7 @@ class OutOfSync:
             sp, level = st.roots[(vaddr >> 30) & 3], 2
         while sp is not None and level > 1:
             spte = sp.spt[(vaddr >> (12 + 9 * (level - 1))) & 511]
-            if spte & SPTE_PRESENT_TEST != SPTE_P:
+            if not spte & SPTE_P or spte == SPTE_TRAP:
                 return
             sp = self.by_hpfn[(spte & SPTE_ADDR) >> 12]
             if sp.role.direct:
