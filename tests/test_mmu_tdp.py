@@ -313,6 +313,21 @@ def test_the_ept_stays_within_its_pool_and_a_full_pool_zaps_and_recovers():
     vm.audit()
 
 
+def test_a_mapping_that_needs_more_tables_than_are_free_zaps_first():
+    """Region 0 takes the PDPT, a PD and a page table (12 of 16 frames free); 11 more
+    regions of the first GB leave 1 free; a frame in the second GB needs a new PD and
+    a page table: 2 > 1, so the EPT is zapped first, and only then."""
+    vm = VM(2 << 30, policy="tdp", pool_pages=15)
+    v = vm.vcpu
+    for r in range(12):
+        v.store(r << 21, r + 1, 8)
+    assert len(vm.mmu.free) == 1 and vm.mmu.stats["ept_zaps"] == 0
+    v.store(1 << 30, 99, 8)
+    assert vm.mmu.stats["ept_zaps"] == 1 and len(vm.mmu.free) == 12
+    assert [v.load(r << 21, 8) for r in range(12)] + [v.load(1 << 30, 8)] == [*range(1, 13), 99]
+    vm.audit()
+
+
 def test_a_pool_below_the_minimum_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 16"):
         TdpMMU(None, None, list(range(0x100, 0x10F)))
