@@ -5,6 +5,8 @@ read, every fault delivered (address and error code), every #GP, every MMIO
 access a device sees, and every byte of guest memory, A and D bits included,
 must be what native paging allows.  ``audit()`` runs after every step on the
 shadow side, and the dirty log is checked against what native paging changed.
+With policy "tdp" the second VM runs two-dimensional paging (mmu/tdp.py) instead
+of a shadow MMU, checked the same way.
 
 Programs are data: a list of ops over a small world (three address spaces, two
 vCPUs, a pool of page-table frames and data frames, an identity-mapped kernel
