@@ -515,7 +515,8 @@ def cmd_run(args) -> int:
             console.print(f"no {kind} faults")
             continue
         console.print(f"VM exits per {kind} fault: {steady_text(pf)} over {pf['steady_faults']:,} steady faults "
-                      f"(table existed, stayed shadowed); {_other_text(pf)} other; mean {_fmt(pf['mean'])}")
+                      f"(table existed{'' if policy == 'tdp' else ', stayed shadowed'}); {_other_text(pf)} other; "
+                      f"mean {_fmt(pf['mean'])}")
     tdp = rep.get("tdp")
     if tdp:
         console.print(f"2-D walks (boot excluded): {tdp['tlb_misses']:,} TLB misses, {tdp['walk_refs']:,} guest + EPT "
