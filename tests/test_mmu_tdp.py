@@ -235,6 +235,31 @@ def test_dirty_log_through_ept_d_bits():
         vm.mmu.get_dirty_log(slot)
 
 
+def test_a_write_through_a_clean_ept_leaf_sets_ept_d_without_walking_the_guest_again():
+    """Guest D set, EPT D clear (logging just began): the write's EPT walk sets D (m
+    entries, no TLB miss), and the guest's translation stays the cached one -- as on
+    native, where a guest that changed the pte without INVLPG still writes the old page."""
+    vm, g, v = minimal("64")
+    v.store(USER_BASE, 1, 8)
+    old = guest_tables(vm, g, USER_BASE)[1]
+    slot = vm.slots[0]
+    vm.mmu.enable_dirty_log(slot)
+    assert v.load(USER_BASE, 8) == 1                    # TLB: guest dirty, EPT leaf clean
+    v.set_cpl(0)
+    pte = g.pte_addr(USER_BASE)
+    v.store(pte, (0x3F0 << 12) | P | W | U | A | D, 8)  # no INVLPG
+    v.set_cpl(3)
+    s0 = vm.mmu.stats
+    v.store(USER_BASE + 8, 0x77, 8)
+    s1 = vm.mmu.stats
+    assert vm.gmem.read_u64((old << 12) + 8) == 0x77    # the cached translation: the old page
+    assert s1["tlb_misses"] == s0["tlb_misses"] and s1["walk_refs"] == s0["walk_refs"]
+    assert s1["ept_d_assists"] - s0["ept_d_assists"] == 1
+    assert s1["ept_d_assist_refs"] - s0["ept_d_assist_refs"] == 4
+    assert old in vm.mmu.get_dirty_log(slot)
+    vm.audit()
+
+
 def test_a_zap_does_not_lose_dirty_bits():
     vm, g, v = minimal("64")
     v.store(USER_BASE, 1, 8)

@@ -140,6 +140,8 @@ class TdpMMU:
         self.complete_walks = 0      # walks that ended in a translation (TLB fill or MMIO)
         self.complete_refs = 0       # ... and the entries they read: n*m + n + m each
         self.pdpte_refs = 0          # EPT entries read to load PAE PDPTEs (CR3 load, mode change)
+        self.d_assists = 0           # writes through a TLB entry whose EPT leaf was clean: EPT walk sets D
+        self.d_assist_refs = 0       # ... and the EPT entries those walks read
         self.counts = {"ept_violations": 0, "mmio_exits": 0, "ept_pages_created": 0, "ept_zaps": 0,
                        "ept_pages_zapped": 0, "tlb_flushes": 0, "frames_mapped": 0}
         # hpfn -> (level, first gfn the table maps, its u64 view): every EPT table, root included
@@ -162,6 +164,7 @@ class TdpMMU:
         s = dict(self.counts)
         s.update(tlb_misses=self.tlb_misses, walk_refs=self.walk_refs, complete_walks=self.complete_walks,
                  complete_walk_refs=self.complete_refs, pdpte_refs=self.pdpte_refs,
+                 ept_d_assists=self.d_assists, ept_d_assist_refs=self.d_assist_refs,
                  ept_pages=len(self.tables), pages_created=self.counts["ept_pages_created"],
                  pages_zapped=self.counts["ept_pages_zapped"])
         return s
@@ -252,17 +255,32 @@ class TdpMMU:
         are exits handled here, each followed by a restart of the whole walk."""
         tlb = vcpu.tlb
         guest = vcpu.guest
-        e = tlb.small.get(vaddr >> 12)
+        write = access & ACC_WRITE
+        vpn = vaddr >> 12
+        e = tlb.small.get(vpn)
         if e is not None:
             r = e[1]
-            if not guest.perm[r | access_index(access, guest.ac)] and (e[2] or not access & ACC_WRITE) and not (
-                    guest.pk_active and r & R_U and not access & 16
-                    and _pkey_denies(guest, e[4], access & ACC_WRITE, access)):
-                tlb.hits += 1
-                return 0, e[0] | (vaddr & 0xFFF)
+            if not guest.perm[r | access_index(access, guest.ac)] and not (
+                    guest.pk_active and r & R_U and not access & 16 and _pkey_denies(guest, e[4], write, access)):
+                if e[2] or not write:
+                    tlb.hits += 1
+                    return 0, e[0] | (vaddr & 0xFFF)
+                if e[5]:
+                    # guest D is set, only the EPT leaf is clean: the processor sets EPT D
+                    # with an EPT walk of the cached gpa; the guest's translation stays cached
+                    # (re-walking the guest here would let TDP see a guest pte change the
+                    # guest never invalidated where native still uses the cached one)
+                    before = self.walk_refs
+                    leaf = self.ept_walk(e[6], True)
+                    self.d_assist_refs += self.walk_refs - before
+                    self.walk_refs = before
+                    if leaf >= 0:
+                        self.d_assists += 1
+                        tlb.small[vpn] = (e[0], r, True, *e[3:])
+                        tlb.hits += 1
+                        return 0, e[0] | (vaddr & 0xFFF)
             tlb.invlpg(vaddr)
         tlb.misses += 1
-        write = access & ACC_WRITE
         for _ in range(MAX_RETRIES):
             self.tlb_misses += 1
             refs0 = self.walk_refs
@@ -284,9 +302,11 @@ class TdpMMU:
             self.complete_walks += 1
             self.complete_refs += self.walk_refs - refs0
             hpa = (leaf & EPT_ADDR) | (gpa & 0xFFF)
-            # a write through an entry whose EPT leaf is clean must reach the walk
-            # (to set EPT D): the entry is dirty only if both dimensions are
+            # a write through an entry whose EPT leaf is clean must not go unseen (EPT D,
+            # the dirty log): the entry is dirty only if both dimensions are; it keeps
+            # the guest's D and the gfn for the EPT D update (see the hit path above)
             tlb.fill(t._replace(paddr=hpa, dirty=t.dirty and bool(leaf & EPT_D)))
+            tlb.small[vpn] += (t.dirty, gpa >> 12)
             return 0, hpa
         raise TdpError(f"{MAX_RETRIES} EPT violations for one access to {vaddr:#x}: the EPT never maps it")
 

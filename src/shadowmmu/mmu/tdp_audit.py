@@ -78,6 +78,9 @@ def audit_tdp(mmu) -> None:
             if gfn is None:
                 raise AuditError(f"TLB of vCPU {vcpu.index} maps {vpn << 12:#x} to host frame {e[0] >> 12:#x}, "
                                  f"outside guest RAM")
+            if len(e) != 7 or e[6] != gfn or e[2] and not e[5]:
+                raise AuditError(f"TLB entry of vCPU {vcpu.index} for {vpn << 12:#x} is not (hpa, rights, dirty, G, "
+                                 f"pkey, guest dirty, gfn {gfn:#x}) with dirty only over guest dirty: {e}")
             leaf = leaves.get(gfn)
             if leaf is None:
                 raise AuditError(f"TLB of vCPU {vcpu.index} maps {vpn << 12:#x} to gfn {gfn:#x}, which the EPT no "
