@@ -390,3 +390,27 @@ def test_lockstep_with_an_ept_pool_that_keeps_zapping(guest):
     assert mmu.stats["ept_zaps"] >= 3
     exits = nonzero(ls.shadow.exits)
     assert not {"pf_fixed", "pf_injected", "pte_write", "invlpg"} & exits.keys()
+
+
+# regressions lockstep found (la57, seed 2026), shrunk: a loop through the root makes
+# the kernel window's translations stale, which the guest never invalidates
+_STALE_WINDOW = [Op("write_entry", (0x21008, 0x10027, 8), 1), Op("map", (0x1008000001000, 1, 0x35021), 1)]
+_LARGE = Op("map", (0xff00008000000000, 2, 0x7800000000000085), 1)
+_LAST = Op("map", (0xff000080403ff000, 1, 0x34027), 1)
+
+
+def test_a_write_through_a_stale_entry_sets_ept_d_and_stays_stale_as_on_native():
+    """The last store goes through a cached window translation whose EPT leaf is clean:
+    re-walking the guest there (as the first version did) faults on the broken window,
+    where native writes through its cached translation."""
+    program = [*_STALE_WINDOW, _LARGE, _LAST]
+    assert Lockstep(GUESTS["la57"], "tdp").run(program) is None
+
+
+def test_lockstep_mirrors_the_hypervisors_tlb_flush_on_native():
+    """dirty_log(on) empties tdp's TLB; refilled by the next op, it would then hold
+    translations younger than native's and older than a fresh walk's."""
+    program = [*_STALE_WINDOW, Op("dirty_log", ("on",)), _LARGE, _LAST]
+    ls = Lockstep(GUESTS["la57"], "tdp")
+    assert ls.run(program) is None
+    assert ls.tdp_flushes == ls.shadow.mmu.stats["tlb_flushes"] > 0

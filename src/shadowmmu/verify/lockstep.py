@@ -713,6 +713,8 @@ class Lockstep:
         self.steps = 0
         self.stale_ok = 0            # steps where the guest saw the old translation on native only
         self.dirty_base: dict[int, bytes] | None = None    # native memory when the dirty log was last read
+        # tdp: the count of the MMU's INVEPTs, mirrored on native's TLBs (see step())
+        self.tdp_flushes = self.shadow.mmu.stats["tlb_flushes"] if getattr(self.shadow.mmu, "tdp", False) else None
 
     def _compare(self, a, b, shadow_mem: dict) -> tuple[str, object, object] | None:
         """What the guest could tell apart after one step, or None."""
@@ -746,6 +748,15 @@ class Lockstep:
                 bad = first
         if bad:
             return Divergence(i, op, bad[0], bad[1], bad[2], program)
+        if self.tdp_flushes is not None and self.shadow.mmu.stats["tlb_flushes"] != self.tdp_flushes:
+            # Under tdp the combined TLB caches exactly what native's does, except that the
+            # hypervisor's INVEPTs (dirty log, EPT zaps) empty it.  Native drops the same
+            # entries at the same step (a TLB may drop any entry at any time): otherwise tdp's
+            # TLB, refilled since, mixes translations of different ages that neither of the
+            # two candidates above reproduces, though both machines are right.
+            self.tdp_flushes = self.shadow.mmu.stats["tlb_flushes"]
+            for w in self.native.vcpus:
+                w.tlb.flush()
         native_mem = self.native.gmem.snapshot()
         if op.kind == "dirty_log":
             d = self._check_dirty_log(op, self.shadow.dirty_read, native_mem)
