@@ -414,3 +414,31 @@ def test_lockstep_mirrors_the_hypervisors_tlb_flush_on_native():
     ls = Lockstep(GUESTS["la57"], "tdp")
     assert ls.run(program) is None
     assert ls.tdp_flushes == ls.shadow.mmu.stats["tlb_flushes"] > 0
+
+
+def test_audit_catches_a_leaked_ept_page_and_a_tlb_entry_for_another_frame():
+    vm, g, v = minimal("64")
+    v.store(USER_BASE, 1, 8)
+    mmu = vm.mmu
+    hp = mmu._new_table(1, 0x800)                       # taken from the pool, linked nowhere
+    with pytest.raises(AuditError, match="not reachable"):
+        vm.audit()
+    mmu.tables.pop(hp)
+    mmu.free.append(hp)
+    vm.audit()
+    e = v.tlb.small[USER_BASE >> 12]
+    v.tlb.small[USER_BASE >> 12] = (e[0] + 0x1000, *e[1:])     # the hpa of the next frame, the old gfn
+    with pytest.raises(AuditError, match="is not"):
+        vm.audit()
+
+
+def test_the_trace_tells_each_ept_violation_and_mmio_exit():
+    vm = VM(16 << 20, policy="tdp", tracing=True)
+    vm.add_mmio(0xFEE00000, 0x1000, Device())
+    v = vm.vcpu
+    v.store(0x5008, 3, 8)                              # paging off: gva == gpa
+    v.load(0xFEE00010, 4)
+    lines = [line for kind, line in vm.events.trace if kind == "exit"]
+    assert lines == ["VM exit #1 (ept_violation): gpa 0x5000 during write of 0x5008: EPT entry made",
+                     "VM exit #2 (mmio): read of 0xfee00010 (gpa 0xfee00010): no memslot, emulated"]
+    assert vm.mmu.leaf(5) & ~0xFFF == vm.gmem.gfn_to_pfn(5) << 12
