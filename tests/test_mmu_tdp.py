@@ -442,3 +442,38 @@ def test_the_trace_tells_each_ept_violation_and_mmio_exit():
     assert lines == ["VM exit #1 (ept_violation): gpa 0x5000 during write of 0x5008: EPT entry made",
                      "VM exit #2 (mmio): read of 0xfee00010 (gpa 0xfee00010): no memslot, emulated"]
     assert vm.mmu.leaf(5) & ~0xFFF == vm.gmem.gfn_to_pfn(5) << 12
+
+
+def test_a_translation_to_a_gpa_without_memory_stays_cached_as_natively():
+    """32-bit, seed 9101, shrunk: native keeps a user translation to unbacked memory
+    (0x600000 -> 0x50412000); tdp used to walk again at every access to it, so the
+    checker's fresh-walk retry emptied native's TLB while tdp kept an older entry."""
+    program = [Op("write_entry", (0x10ffc, 0x10027, 4), 1), Op("store", (0xffc01008, 0, 1, 0x72), 1),
+               Op("write_entry", (0x20802, 0x25041, 4)), Op("read", (0x600ffc, 3, 8), 1),
+               Op("map", (0x600000, 2, 0x2f021), 1), Op("read", (0x600ffe, 0, 4), 1), Op("fetch", (0xffc01ffc, 3, 4), 1)]
+    ls = Lockstep(GUESTS["32"], "tdp")
+    assert ls.run(program) is None
+    assert ls.stale_ok == 0                             # the twin TLBs never needed the retry
+
+
+def test_an_mmio_translation_is_cached_exits_every_time_and_goes_with_invlpg():
+    vm = VM(16 << 20, policy="tdp")
+    dev = Device()
+    vm.add_mmio(0xFEE00000, 0x1000, dev)
+    g = MiniGuest(vm, "64")
+    v = vm.vcpu
+    v.store(g.pte_addr(0x7000_0000), 0xFEE00000 | 0x63, 8)
+    v.load(0x7000_0010, 4)
+    misses, mmio = vm.mmu.stats["tlb_misses"], vm.exits["mmio"]
+    assert v.load(0x7000_0018, 4) == 0xAB               # no walk, one exit
+    assert vm.mmu.stats["tlb_misses"] == misses and vm.exits["mmio"] == mmio + 1
+    v.store(g.pte_addr(0x7000_0000), 0, 8)              # unmapped, not invalidated: still cached
+    assert v.load(0x7000_0018, 4) == 0xAB
+    v.invlpg(0x7000_0000)
+    seen = []
+    v.set_fault_handler(lambda vcpu, addr, err: (seen.append((addr, err)),
+                                                 vcpu.store(g.pte_addr(addr), 0xFEE00000 | 0x63, 8)))
+    assert v.load(0x7000_0018, 4) == 0xAB
+    assert seen == [(0x7000_0018, 0)]                   # now the guest's own not-present fault
+    assert dev.log.count(("r", 0xFEE00018, 4)) == 3
+    vm.audit()

@@ -39,6 +39,7 @@ from itertools import compress
 
 from ..x86.bits import ACC_USER, ACC_WRITE, R_U, mask
 from ..x86.cpu import access_index
+from ..x86.tlb import Tlb
 from ..x86.walker import _pkey_denies, translate
 from .policy import MmuPolicy
 
@@ -106,6 +107,51 @@ class _EptMemory:
         # or RAM never written (zeros), exactly as guest-physical memory reads them
         self.qwords = mmu.gmem.qwords
         self.dwords = mmu.gmem.dwords
+
+
+class TdpTlb(Tlb):
+    """The combined TLB of a vCPU under TDP: ``small`` holds gva -> hpa entries
+    (hpa, rights, dirty, G, pkey, guest dirty, gfn), which the vCPU's fast paths use.
+    ``mmio`` holds the guest half of translations that end at a gpa with no memory
+    behind it (gva page -> (gpa, rights, guest dirty, G, pkey)): the guest walk
+    succeeded and only the second dimension exits, so the next access to the page
+    exits again without walking -- the guest sees the translation a native TLB would
+    keep (the SDM lets a TLB keep it or walk again; keeping it keeps tdp's TLB the
+    native one's twin, which the lockstep checker relies on).  The vCPU's fast paths
+    never look at ``mmio``; invalidations drop it like the rest."""
+
+    def __init__(self, capacity: int = 1 << 16):
+        super().__init__(capacity)
+        self.mmio: dict[int, tuple] = {}
+        self.mmio_large: dict[tuple[int, int], set[int]] = {}     # (shift, large page) -> vpns
+
+    def fill_mmio(self, t) -> None:
+        vpn = t.vaddr >> 12
+        if len(self.mmio) >= self.capacity:
+            self.flush()
+        self.mmio[vpn] = (t.paddr & ~0xFFF, t.rights, t.dirty, t.global_page, t.pkey)
+        if t.page_shift != 12:
+            self.mmio_large.setdefault((t.page_shift, t.vaddr >> t.page_shift), set()).add(vpn)
+
+    def invlpg(self, vaddr: int) -> None:
+        super().invlpg(vaddr)
+        mmio = self.mmio
+        if mmio:
+            mmio.pop(vaddr >> 12, None)
+            for shift in (21, 22, 30):
+                for vpn in self.mmio_large.pop((shift, vaddr >> shift), ()):
+                    mmio.pop(vpn, None)
+
+    def flush(self) -> None:
+        super().flush()
+        self.mmio.clear()
+        self.mmio_large.clear()
+
+    def flush_nonglobal(self) -> None:
+        super().flush_nonglobal()
+        self.mmio = {vpn: e for vpn, e in self.mmio.items() if e[3]}
+        large = {k: {vpn for vpn in v if vpn in self.mmio} for k, v in self.mmio_large.items()}
+        self.mmio_large = {k: v for k, v in large.items() if v}
 
 
 class TdpMMU:
@@ -192,6 +238,8 @@ class TdpMMU:
 
     # ---------------------------------------------------------------- vCPUs
     def attach(self, vcpu) -> None:
+        """A vCPU joins: it gets the combined TLB."""
+        vcpu.tlb = TdpTlb(vcpu.tlb.capacity)
         self.vcpus.append(vcpu)
 
     def is_shadowed(self, gfn: int) -> bool:
@@ -280,6 +328,18 @@ class TdpMMU:
                         tlb.hits += 1
                         return 0, e[0] | (vaddr & 0xFFF)
             tlb.invlpg(vaddr)
+        elif tlb.mmio:
+            e = tlb.mmio.get(vpn)
+            if e is not None:
+                r = e[1]
+                if not guest.perm[r | access_index(access, guest.ac)] and (e[2] or not write) and not (
+                        guest.pk_active and r & R_U and not access & 16
+                        and _pkey_denies(guest, e[4], write, access)):
+                    tlb.hits += 1
+                    gpa = e[0] | (vaddr & 0xFFF)
+                    self._mmio_exit(vaddr, access, gpa)
+                    return 1, gpa
+                tlb.invlpg(vaddr)
         tlb.misses += 1
         for _ in range(MAX_RETRIES):
             self.tlb_misses += 1
@@ -297,6 +357,7 @@ class TdpMMU:
                     continue
                 self.complete_walks += 1
                 self.complete_refs += self.walk_refs - refs0
+                tlb.fill_mmio(t)
                 self._mmio_exit(vaddr, access, gpa)
                 return 1, gpa
             self.complete_walks += 1

@@ -73,6 +73,10 @@ def audit_tdp(mmu) -> None:
     if seen != set(tables):
         raise AuditError(f"EPT pages not reachable from the root: {sorted(map(hex, set(tables) - seen))}")
     for vcpu in mmu.vcpus:
+        for vpn, e in vcpu.tlb.mmio.items():
+            if gmem.gfn_to_pfn(e[0] >> 12) is not None:
+                raise AuditError(f"TLB of vCPU {vcpu.index} keeps {vpn << 12:#x} -> gpa {e[0]:#x} as memory without "
+                                 f"a memslot, but a memslot backs it")
         for vpn, e in vcpu.tlb.small.items():
             gfn = gmem.pfn_to_gfn(e[0] >> 12)
             if gfn is None:

@@ -744,6 +744,10 @@ class Lockstep:
             bad = self._compare(_guarded(self.native, op, self.mode), b, shadow_mem)
             if bad is None:
                 self.stale_ok += 1
+                if self.tdp_flushes is not None:
+                    # tdp's TLB is native's twin; native's was just emptied to re-run the
+                    # step, so tdp's goes too (else it would hold older entries than native's)
+                    self.shadow.vcpus[op.vcpu].tlb.flush()
             else:
                 bad = first
         if bad:
