@@ -209,3 +209,19 @@ def test_progress_covers_the_boot_then_the_workload():
     calls.clear()
     run_workload(VM(RAM), "fork", guest="64", size=3, progress=lambda *a: calls.append(a), frames="cold")
     assert not [c for c in calls if len(c) == 2 and c[1]]                          # cold: no boot phase
+
+
+@pytest.mark.parametrize("guest", ["32", "pae", "64"])
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_post_seed_policies_are_invisible_to_the_guest(workload, guest):
+    """Bypass, out-of-sync shadows and modern KVM's preset, audited: the same guest events
+    and memory (A/D bits included) as native paging.  The guest kernel verifies every
+    qword its programs wrote, so a stale spte that outlives an invalidation fails it
+    (as a recycled page-table frame whose old shadow was out of sync once did)."""
+    _, native = run(workload, guest, "native", SMALL[workload])
+    native_mem = _.guest_memory()
+    for policy in ("update+bypass", "zap+unsync", "modern", "update+bypass+unsync"):
+        vm, r = run(workload, guest, policy, SMALL[workload])
+        assert r["guest_events"] == native["guest_events"], policy
+        assert vm.guest_memory() == native_mem, f"{policy}: guest memory differs from native"
+        vm.audit()

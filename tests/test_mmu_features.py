@@ -275,7 +275,7 @@ def test_bad_vm_arguments_are_clear_errors():
         VM(1000)
     with pytest.raises(ValueError, match="64 GiB"):
         VM(128 << 30)
-    with pytest.raises(ValueError, match="pte_write policy"):
+    with pytest.raises(ValueError, match="unknown policy 'clear'"):
         VM(1 << 20, pte_write="clear")
     with pytest.raises(ValueError, match="at least 16"):
         VM(1 << 20, pool_pages=4)

@@ -200,10 +200,12 @@ def test_a_new_shadow_mmu_has_the_documented_defaults_and_zeroed_statistics():
     frames = list(range(0x100, 0x110))                 # 16: the minimum
     mmu = ShadowMMU(vm.host, vm.gmem, frames)
     assert (mmu.policy, mmu.seed_access_bug, mmu.events, mmu.prefetch_ptes) == ("update", False, None, 0)
+    assert (mmu.trap_spte, mmu.unsync_enabled, mmu.unsync_pages, mmu.spec.name) == (0, False, set(), "update")
     assert (mmu.pool_lo, mmu.pool_hi, mmu.pool_size) == (0x100, 0x110, 16)
     assert mmu.stats == dict.fromkeys(("pages_created", "pages_zapped", "reclaimed", "flooded",
                                        "unshadowed_user_write", "tlb_flushes", "pte_updates", "pte_zaps",
-                                       "misaligned_zaps", "prefetched"), 0)
+                                       "misaligned_zaps", "prefetched", "unsync_pages", "synced_pages",
+                                       "resynced_ptes", "unsync_zapped"), 0)
     mmu.flush_tlbs()                                   # nothing changed: nothing to flush
     assert mmu.stats["tlb_flushes"] == 0
     with pytest.raises(ValueError, match="^the shadow page pool needs at least 16 frames, got 15$"):

@@ -10,7 +10,8 @@ from rich.table import Table
 
 from .analysis.costs import PRESETS
 from .guest.paging import GUEST_FORMATS
-from .mmu.mmu import POLICIES, POLICY_NAMES
+from .mmu.mmu import POLICIES
+from .mmu.policy import POLICY_HELP, policy_arg
 from .x86.formats import GUEST_MODES, PagingMode
 
 
@@ -825,8 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="random seed of the programs or cases (default: 0); "
                    "not to be confused with 'the seed', the 2007 KVM commit this project models")
     c.add_argument("--guest", choices=GUEST_MODES, help="guest paging format (default: all four)")
-    c.add_argument("--policy", choices=POLICY_NAMES, help="pte-write policy, +prefetch: KVM's pte prefetch "
-                                                         "(default: zap and update)")
+    c.add_argument("--policy", type=policy_arg, metavar="POLICY",
+                   help=f"MMU policy (default: zap and update): {POLICY_HELP}")
     c.add_argument("--update-pte-bug", "--seed-bug", dest="seed_bug", action="store_true",
                    help="restore the seed commit's update_pte rights bug (U|W whatever the upper levels allow); "
                         "--seed-bug is the older name")
@@ -845,7 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("trace", help="narrate one guest event from the VM's event trace")
     tr.add_argument("what", choices=("demand",), help="the event to trace: demand (one demand fault)")
-    tr.add_argument("--policy", choices=(*POLICIES, "native"), help="default: zap, then update")
+    tr.add_argument("--policy", type=lambda name: name if name == "native" else policy_arg(name), metavar="POLICY",
+                    help=f"default: zap, then update; native, or {POLICY_HELP}")
     tr.add_argument("--guest", choices=GUEST_FORMATS, default="64",
                     help="guest paging format (default: 64); the traced guest writes whole ptes")
     tr.set_defaults(func=cmd_trace)
@@ -880,10 +882,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one workload on one MMU configuration",
                        description=f"Run one workload. Workloads: {workload_help}.")
     r.add_argument("workload", help=f"one of {', '.join(WORKLOADS)}")
-    r.add_argument("--policy", choices=POLICY_NAMES, default="update",
-                   help="shadow MMU policy on a guest pte write: zap (clear the shadow pte, KVM before the "
-                        "seed) or update (install it from the value written, the seed; default); +prefetch: "
-                        "also map the 8 neighbouring guest ptes on a fault (KVM, 2010)")
+    r.add_argument("--policy", type=policy_arg, metavar="POLICY", default="update",
+                   help="MMU policy (default: update).  The pte-write policy: zap (clear the shadow pte, KVM "
+                        f"before the seed) or update (install it from the value written, the seed); {POLICY_HELP}")
     r.add_argument("--native", action="store_true", help="no hypervisor: the hardware walks the guest's tables")
     run_options(r, many=False)
     r.set_defaults(func=cmd_run)
@@ -906,8 +907,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("kernel")
     bt.add_argument("args", nargs="*", help="appended to the multiboot command line (as QEMU's -append)")
     mode = bt.add_mutually_exclusive_group()
-    mode.add_argument("--policy", choices=POLICY_NAMES, default="update",
-                      help="pte-write policy; +prefetch: map the 8 neighbouring ptes on a fault (KVM 2010)")
+    mode.add_argument("--policy", type=policy_arg, metavar="POLICY", default="update",
+                      help=f"MMU policy (default: update): {POLICY_HELP}")
     mode.add_argument("--native", action="store_true", help="no hypervisor: the hardware walks the guest's tables")
     bt.add_argument("--ram", type=int, default=64, help="guest RAM in MiB (default 64)")
     bt.add_argument("--timeout", type=float, default=60.0, help="stop a guest that runs longer (seconds, default 60)")

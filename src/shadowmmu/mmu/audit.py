@@ -14,7 +14,7 @@ from ..x86.bits import CR0_WP, CR4_PKE, CR4_SMAP, CR4_SMEP, PTE_A, PTE_D, R_ALL,
 from ..x86.cpu import A_F, A_SMAP_OVERRIDE, A_U, A_W, permission_faults
 from ..x86.faults import PageFault
 from ..x86.walker import translate
-from .spte import SPTE_ADDR, SPTE_NX, SPTE_P, SPTE_W
+from .spte import SPTE_ADDR, SPTE_MMIO, SPTE_NX, SPTE_P, SPTE_PRESENT_TEST, SPTE_TRAP, SPTE_W
 
 
 class AuditError(AssertionError):
@@ -24,7 +24,7 @@ class AuditError(AssertionError):
 _probes: dict[tuple, object] = {}
 
 
-def _probe_cpu(guest):
+def probe_cpu(guest):
     """The guest's CPU state without SMEP/SMAP/PKU: a supervisor read then succeeds
     exactly when the guest's tables map the address, and reports its rights.
     Cached by register values (the audit runs after every lockstep step)."""
@@ -64,6 +64,8 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
     parents_seen: dict[int, set[int]] = {}
     lo, hi, delta = gmem.linear_range()
     shadowed = mmu.shadowed
+    trap = mmu.trap_spte
+    unsync_links: dict[int, int] = {}     # page hpfn -> its entries leading to a page that needs a resync
     for sp in pages:
         if sp.zapped:
             raise AuditError(f"{sp!r} is zapped but still cached")
@@ -71,9 +73,10 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
             raise AuditError(f"{sp!r} lives outside the shadow pool")
         present = 0
         spt = sp.spt
+        _audit_nonpresent(mmu, sp, trap)
         for idx in _present(spt):
             spte = spt[idx]
-            if not spte & SPTE_P:
+            if spte & SPTE_PRESENT_TEST != SPTE_P:
                 continue
             present += 1
             addr = (sp.hpfn << 12) | (idx << 3)
@@ -83,13 +86,15 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
                 if child is None or child.zapped:
                     raise AuditError(f"{sp!r}[{idx}] = {spte:#x} points at no live shadow page")
                 parents_seen.setdefault(pfn, set()).add(addr)
+                if child.needs_sync:
+                    unsync_links[sp.hpfn] = unsync_links.get(sp.hpfn, 0) + 1
                 continue
             gfn = pfn - delta if lo <= pfn - delta < hi else gmem.pfn_to_gfn(pfn)
             if gfn is None:
                 raise AuditError(f"{sp!r}[{idx}] = {spte:#x} maps host frame {pfn:#x} outside guest RAM")
             if spte & SPTE_W:
                 rmap_seen.setdefault(gfn, set()).add(addr)
-                if gfn in shadowed:
+                if gfn in shadowed and not shadowed[gfn][0].unsync:
                     raise AuditError(f"{sp!r}[{idx}] maps shadowed page table gfn {gfn:#x} writable")
         if present != sp.nr_present:
             raise AuditError(f"{sp!r} counts {sp.nr_present} present sptes, has {present}")
@@ -98,6 +103,7 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
         missing = {g: s - rmap_have.get(g, set()) for g, s in rmap_seen.items() if s - rmap_have.get(g, set())}
         extra = {g: s - rmap_seen.get(g, set()) for g, s in rmap_have.items() if s - rmap_seen.get(g, set())}
         raise AuditError(f"rmap is not exact: missing {missing}, stale {extra}")
+    _audit_unsync(mmu, pages, unsync_links)
     for sp in pages:
         if sp.parents != parents_seen.get(sp.hpfn, set()):
             raise AuditError(f"{sp!r} parent links {sorted(map(hex, sp.parents))} != "
@@ -108,6 +114,57 @@ def audit(mmu, *, guest_walks: bool = True) -> None:
             if not vcpu.mmu_roots_invalid:
                 _audit_roots(mmu, vcpu)
             _audit_tlb(mmu, vcpu)
+
+
+def _audit_nonpresent(mmu, sp, trap: int) -> None:
+    """What stands where nothing is mapped.  Without bypass: 0 or an MMIO mark.  Under
+    bypass: the trap value, or 0 ("notrap", the guest's fault skips the hypervisor)
+    only where the guest's own entry is not present, in a page that is in sync (a
+    0 anywhere else hands the guest a fault its tables do not have)."""
+    spt = sp.spt
+    if not trap:
+        for idx in _present(spt):
+            v = spt[idx]
+            if v == SPTE_TRAP:
+                raise AuditError(f"{sp!r}[{idx}] holds the bypass trap value, but bypass is off")
+            if not v & SPTE_P and v & ~(SPTE_MMIO | SPTE_ADDR):
+                raise AuditError(f"{sp!r}[{idx}] = {v:#x}: neither a mapping, 0, nor an MMIO mark")
+        return
+    values = spt.tolist()
+    if 0 in values:
+        if sp.role.direct or sp.unsync:
+            idx = values.index(0)
+            raise AuditError(f"{sp!r}[{idx}] = 0 in a {'direct' if sp.role.direct else 'unsync'} page: the "
+                             f"guest's access there would fault without an exit")
+        gptes = mmu.guest_ptes(sp)
+        for idx, v in enumerate(values):
+            if v == 0 and gptes[idx] & SPTE_P:
+                raise AuditError(f"{sp!r}[{idx}] = 0 (bypass: not-present faults go to the guest), but the "
+                                 f"guest entry {gptes[idx]:#x} is present")
+    for idx, v in enumerate(values):
+        if v and v & SPTE_PRESENT_TEST != SPTE_P and v != SPTE_TRAP:
+            raise AuditError(f"{sp!r}[{idx}] = {v:#x}: under bypass a non-mapping must be 0 or the trap value")
+
+
+def _audit_unsync(mmu, pages, unsync_links: dict[int, int]) -> None:
+    """Out-of-sync pages are level-1 guest tables shadowed by no other page, the MMU's
+    set of them is exact, and every page's unsync_children counts its entries that
+    lead to a page needing a resync (so a resync from the roots finds every one)."""
+    seen = set()
+    for sp in pages:
+        if sp.unsync:
+            seen.add(sp)
+            if not mmu.unsync_enabled:
+                raise AuditError(f"{sp!r} is out of sync, but the policy has no +unsync")
+            if sp.role.level != 1 or sp.role.direct:
+                raise AuditError(f"{sp!r} is out of sync, but only guest leaf tables may be")
+            if mmu.shadowed.get(sp.gfn) != [sp]:
+                raise AuditError(f"{sp!r} is out of sync while gfn {sp.gfn:#x} has other shadow pages (roles)")
+        if sp.unsync_children != unsync_links.get(sp.hpfn, 0):
+            raise AuditError(f"{sp!r} counts {sp.unsync_children} unsync children, has "
+                             f"{unsync_links.get(sp.hpfn, 0)}")
+    if seen != mmu.unsync_pages:
+        raise AuditError(f"the MMU's set of unsync pages {mmu.unsync_pages} is not the unsync pages {seen}")
 
 
 # Every access a CPU can make, as permission-table columns: CPL 0/3 x read/write/
@@ -133,7 +190,7 @@ class _Where:
 def _audit_roots(mmu, vcpu) -> None:
     st = vcpu.mmu_state
     guest = vcpu.guest
-    probe = _probe_cpu(guest)
+    probe = probe_cpu(guest)
     # SMEP and SMAP are paging features: without guest paging they do not apply
     g_wp = bool(guest.cr0 & CR0_WP)
     g_smep, g_smap = (bool(guest.cr4 & CR4_SMEP), bool(guest.cr4 & CR4_SMAP)) if guest.paging else (False, False)
@@ -158,9 +215,11 @@ def _audit_roots(mmu, vcpu) -> None:
         # a direct page splits one guest large page: one guest walk answers for all its entries
         # (checked: the walk must end in a large page covering them)
         large = None
+        if sp.unsync:
+            continue            # its leaves may be stale until the guest invalidates: the architecture's latitude
         for idx in _present(spt):
             spte = spt[idx]
-            if not spte & SPTE_P:
+            if spte & SPTE_PRESENT_TEST != SPTE_P:
                 continue
             va = base | (idx << shift)
             rights = above & (((spte >> 1) & 1) | ((spte >> 1) & 2) | (0 if spte & SPTE_NX else R_X))
@@ -211,7 +270,7 @@ def _audit_roots(mmu, vcpu) -> None:
 
 def _audit_tlb(mmu, vcpu) -> None:
     """No hardware TLB entry grants more than the shadow tables do now (a missed flush)."""
-    hw = _probe_cpu(vcpu.hw)
+    hw = probe_cpu(vcpu.hw)
     for vpn, e in vcpu.tlb.small.items():
         va = vpn << 12
         try:

@@ -19,7 +19,7 @@ from ..x86.faults import PageFault
 from ..x86.walker import translate
 from .page_cache import MMUError
 from .shadow_page import ShadowPage
-from .spte import R_DIRTY, SPTE_ADDR, SPTE_P, SPTE_TABLE, SPTE_W, make_spte
+from .spte import R_DIRTY, SPTE_ADDR, SPTE_P, SPTE_PRESENT_TEST, SPTE_TABLE, make_spte
 
 # the guest page-mapping level of a translation, by page size
 _GUEST_PAGE_LEVEL = {12: 1, 21: 2, 22: 2, 30: 3}
@@ -64,6 +64,10 @@ class FaultPath:
             if before:
                 self._log_changed_tables(before, pf.entries)
             st.last_pt_write_count = 0     # a real guest fault is not a fork storm
+            if self.unsync_enabled:
+                # a #PF invalidates the TLB entries of its page (SDM 4.10.4.1): a stale spte
+                # of an unsync page must not outlive it (KVM: kvm_inject_emulated_page_fault)
+                self.resync_gva(vcpu, vaddr)
             if self.tlb_flush_needed:
                 self.flush_tlbs()
             st.fault = pf
@@ -122,7 +126,8 @@ class FaultPath:
             child_level = level - 1
             large = glevels == 0 or gpage_level >= level
             spte = sp.spt[idx]
-            if spte & SPTE_P and not large:
+            present = spte & SPTE_PRESENT_TEST == SPTE_P
+            if present and not large:
                 child = self.by_hpfn[(spte & SPTE_ADDR) >> 12]
                 if not child.role.direct:
                     # write protection keeps a guest-table path in sync: any guest edit
@@ -150,15 +155,16 @@ class FaultPath:
                 gfn = (step.value & (SPTE_ADDR if glevels >= 3 else 0xFFFFF000)) >> 12
                 quadrant = (vaddr >> 21) & 1 if glevels == 2 else 0
                 role = base._replace(level=child_level, quadrant=quadrant, access=rights_above)
-            spte = sp.spt[idx]
-            if spte & SPTE_P:
+            if present:
                 child = self.by_hpfn[(spte & SPTE_ADDR) >> 12]
                 if child.gfn == gfn and child.role == role:
                     self.lru.move_to_end(child)
                     sp, level = child, child_level
                     continue
-                self.set_spte(sp, idx, 0)       # the guest entry now calls for another page
+                self.set_spte(sp, idx, self.trap_spte)     # the guest entry now calls for another page
             child = self.get_page(gfn, role)
+            if child.needs_sync:
+                self.sync_tree(vcpu, (child,))       # see OutOfSync.sync_tree
             self.set_spte(sp, idx, (child.hpfn << 12) | SPTE_TABLE)
             sp, level = child, child_level
         self.lru.move_to_end(sp)
@@ -183,7 +189,7 @@ class FaultPath:
         quarter = sp.role.quadrant << 9          # a 32-bit table's half that this page shadows
         access = sp.role.access
         for i in range(idx & ~(n - 1), (idx & ~(n - 1)) + n):
-            if i == idx or spt[i] & SPTE_P:
+            if i == idx or spt[i] & SPTE_PRESENT_TEST == SPTE_P:
                 continue
             gpte = (self.gmem.read_uint(table + 8 * i, 8) if wide else
                     self.gmem.read_uint(table + 4 * (quarter | i), 4))
@@ -209,7 +215,7 @@ class FaultPath:
             # and flips it back).  Under SMAP, or with protection keys, that would hide
             # the page's U bit from the SMAP or PKRU check, so emulate the write instead.
             if (g.cr4 & CR4_SMAP or g.pk_active) and rights & R_U:
-                self.set_spte(sp, idx, self.leaf_spte(sp, gfn, rights, walk.dirty, leaf) & ~SPTE_W)
+                self.set_spte(sp, idx, self.leaf_spte(sp, gfn, rights, walk.dirty, leaf))    # rights lack W
                 return PfResult.EMULATE
             rights = (rights | R_W) & ~R_U
             if sp.role.smep_andnot_wp:
@@ -221,11 +227,14 @@ class FaultPath:
             self.set_spte(sp, idx, self.leaf_spte(sp, gfn, rights, walk.dirty, leaf))
             return PfResult.EMULATE
         spte = self.leaf_spte(sp, gfn, rights, walk.dirty, leaf)
-        if not spte & SPTE_P:
+        if spte & SPTE_PRESENT_TEST != SPTE_P:
             self.set_spte(sp, idx, spte)
             return PfResult.EMULATE            # MMIO (or nothing) behind the gpa
         if write and gfn in self.shadowed:
-            if user and not self._table_in_use(gfn, walk):
+            if self.unsync_enabled and self.try_unsync(gfn):
+                # a leaf table the guest may now write directly (its shadow goes out of sync)
+                spte = self.leaf_spte(sp, gfn, rights, walk.dirty, leaf)
+            elif user and not self._table_in_use(gfn, walk):
                 # user code does not write its own page tables: stop shadowing them
                 self.stats["unshadowed_user_write"] += 1
                 self.unshadow(gfn)
@@ -240,8 +249,13 @@ class FaultPath:
 
     def leaf_spte(self, sp: ShadowPage, gfn: int, rights: int, dirty: bool, gleaf: int) -> int:
         """The leaf spte for gfn in ``sp``: make_spte with what the MMU knows of the
-        frame (its host frame, whether it is a shadowed page table)."""
-        return make_spte(self.gmem.gfn_to_pfn(gfn), gfn, rights, dirty=dirty, write_protect=gfn in self.shadowed,
+        frame (its host frame, whether it is a write-protected page table).  Under
+        bypass an MMIO gpa gets the trap value: the access must exit."""
+        pfn = self.gmem.gfn_to_pfn(gfn)
+        if pfn is None and self.trap_spte:
+            return self.trap_spte
+        pages = self.shadowed.get(gfn)
+        return make_spte(pfn, gfn, rights, dirty=dirty, write_protect=pages is not None and not pages[0].unsync,
                          pkey_bits=gleaf if sp.role.glevels >= 4 else 0)
 
     def _table_in_use(self, gfn: int, walk) -> bool:

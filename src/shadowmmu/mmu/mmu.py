@@ -10,6 +10,7 @@ in its own module, along the lines of KVM's files:
     fault.py        the fault path: page_fault -> PfResult          (paging_tmpl.h)
     pte_write.py    guest writes to its page tables                 (mmu.c: kvm_mmu_pte_write)
     dirty_log.py    which frames the guest wrote                    (mmu.c: rmap_write_protect)
+    unsync.py       out-of-sync leaf tables and their resync        (mmu.c, 2008)
     audit.py        every invariant, checked from scratch           (mmu_audit.c)
 
 The main events and what the MMU does:
@@ -31,13 +32,14 @@ from .policy import PREFETCH_SIZES, PTE_WRITE_POLICIES, MmuPolicy, parse_policy,
 from .pte_write import FLOOD_THRESHOLD, PteWrites
 from .roots import Roots, VcpuMmuState
 from .shadow_page import ShadowPage
-from .spte import Role
+from .spte import SPTE_TRAP, Role
+from .unsync import OutOfSync
 
 POLICIES = PTE_WRITE_POLICIES
 POLICY_NAMES = policy_names()
 
 
-class ShadowMMU(PageCache, DirtyLog, Roots, FaultPath, PteWrites):
+class ShadowMMU(PageCache, DirtyLog, Roots, FaultPath, PteWrites, OutOfSync):
     """Shadow page tables for the guests of one VM.
 
     ``gmem`` is guest-physical memory (memslots), ``host`` the host physical
@@ -61,6 +63,9 @@ class ShadowMMU(PageCache, DirtyLog, Roots, FaultPath, PteWrites):
             raise ValueError(f"prefetch must be one of {PREFETCH_SIZES} ptes (0: off; KVM uses 8), got {prefetch!r}")
         self.prefetch_ptes = prefetch
         self.spec = MmuPolicy(pte_write, prefetch, bypass, unsync)
+        self.trap_spte = SPTE_TRAP if bypass else 0     # see spte.SPTE_TRAP
+        self.unsync_enabled = unsync
+        self.unsync_pages: set[ShadowPage] = set()
         if len(pool_frames) < 16:
             raise ValueError(f"the shadow page pool needs at least 16 frames, got {len(pool_frames)}")
         self.host = host
@@ -81,7 +86,8 @@ class ShadowMMU(PageCache, DirtyLog, Roots, FaultPath, PteWrites):
         self.dirty_logging = False          # any memslot logging: mark_dirty has work to do
         self.stats = {"pages_created": 0, "pages_zapped": 0, "reclaimed": 0, "flooded": 0,
                       "unshadowed_user_write": 0, "tlb_flushes": 0, "pte_updates": 0, "pte_zaps": 0,
-                      "misaligned_zaps": 0, "prefetched": 0}
+                      "misaligned_zaps": 0, "prefetched": 0, "unsync_pages": 0, "synced_pages": 0,
+                      "resynced_ptes": 0, "unsync_zapped": 0}
         every = self.audit_by_default if audit is None else audit
         if isinstance(every, bool):
             every = int(every)

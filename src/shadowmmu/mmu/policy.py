@@ -18,6 +18,7 @@ canonical spelling every report prints (features in the order above).
 
 from __future__ import annotations
 
+import argparse
 from typing import NamedTuple
 
 PTE_WRITE_POLICIES = ("zap", "update")
@@ -97,3 +98,18 @@ def policy_names() -> tuple[str, ...]:
                 for prefetch in (0, 8):
                     names.append(MmuPolicy(base, prefetch, bypass, unsync).name)
     return (*names, *PRESETS, TDP)
+
+
+POLICY_HELP = ("zap|update, each with +bypass (guest not-present faults skip the hypervisor, 2007), +unsync "
+               "(out-of-sync leaf tables, 2008), +prefetch[N] (map N neighbouring ptes on a fault, 2010); "
+               "modern (zap+unsync+prefetch); tdp (two-dimensional paging, EPT)")
+
+
+def policy_arg(name: str) -> str:
+    """The argparse type of ``--policy``: any spelling parse_policy takes, as its canonical
+    name (a preset keeps its own)."""
+    try:
+        spec = parse_policy(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name if name in PRESETS else spec.name

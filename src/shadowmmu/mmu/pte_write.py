@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ..x86.bits import PTE_A, PTE_D, PTE_P, R_ALL
 from .shadow_page import ShadowPage
-from .spte import SPTE_ADDR, SPTE_P, gpte_rights
+from .spte import SPTE_A, SPTE_ADDR, SPTE_P, SPTE_PRESENT_TEST, gpte_rights
 
 FLOOD_THRESHOLD = 3       # consecutive emulated writes to one gfn before it is unshadowed
 
@@ -67,7 +67,7 @@ class PteWrites:
                                  f"level-{sp.role.level} table gfn {gfn:#x} +{offset:#x}; policy "
                                  f"{self.policy!r}: {'install the spte from it' if update else 'clear the spte'}")
             for idx in written:
-                self.set_spte(sp, idx, 0)
+                self.set_spte(sp, idx, self.trap_spte)
                 self.stats["pte_zaps"] += 1
                 if update:
                     self.update_pte(vcpu, sp, idx, new)
@@ -78,11 +78,21 @@ class PteWrites:
         guest is filling or tearing it down (fork, exit): stop shadowing it rather
         than emulate every store.  The count is per vCPU; page_fault resets it."""
         st = vcpu.mmu_state
-        if gfn == st.last_pt_write_gfn:
+        if gfn == st.last_pt_write_gfn and not self._last_update_used(st):
             st.last_pt_write_count += 1
         else:
             st.last_pt_write_gfn, st.last_pt_write_count = gfn, 1
         return st.last_pt_write_count >= FLOOD_THRESHOLD
+
+    def _last_update_used(self, st) -> bool:
+        """Bypass: a guest's demand faults no longer pass through page_fault, so its pte
+        writes come in a row as in a fork.  KVM's flood detector then also asks whether
+        the guest used the spte it installed last (last_updated_pte_accessed, 2.6.25):
+        update_pte installs it with A clear and the hardware walk sets A."""
+        addr = st.last_pte_updated
+        if addr < 0 or not self.trap_spte:
+            return False
+        return bool(self.host.qwords(addr >> 12)[(addr & 0xFFF) >> 3] & SPTE_A)
 
     @staticmethod
     def detect_write_misaligned(sp: ShadowPage, offset: int, nbytes: int) -> bool:
@@ -121,7 +131,14 @@ class PteWrites:
         spte = self.spte_from_gpte(vcpu, sp, gpte, R_ALL if self.seed_access_bug else sp.role.access)
         if spte:
             self.stats["pte_updates"] += 1
+            if self.trap_spte:
+                spte &= ~SPTE_A              # see _last_update_used
+                vcpu.mmu_state.last_pte_updated = sp.spte_addr(idx)
             self.set_spte(sp, idx, spte)
+        elif not sp.unsync:
+            # bypass: a pte written not present lets the guest's next fault there skip the
+            # hypervisor (FNAME(update_pte)'s shadow_notrap_nonpresent_pte)
+            self.set_spte(sp, idx, self.nonpresent_spte(gpte))
 
     def spte_from_gpte(self, vcpu, sp: ShadowPage, gpte: int, access: int) -> int:
         """The leaf spte a guest pte of ``sp``'s table calls for, with rights
@@ -137,4 +154,4 @@ class PteWrites:
         rights = gpte_rights(gpte, wide, sp.role.nxe) & access
         gfn = (gpte & (SPTE_ADDR if wide else 0xFFFFF000)) >> 12
         spte = self.leaf_spte(sp, gfn, rights, bool(gpte & PTE_D), gpte)
-        return spte if spte & SPTE_P else 0
+        return spte if spte & SPTE_PRESENT_TEST == SPTE_P else 0

@@ -8,8 +8,8 @@ paging on and CR0.WP=1, whatever the guest's mode (CR0.WP=0 is emulated).
 from __future__ import annotations
 
 from ..x86.bits import (
-    CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LME, EFER_NXE,
-    PTE_P,
+    CR0_PE, CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_LME, EFER_NXE, PF_ID,
+    PF_P, PTE_P,
 )
 from ..x86.formats import PagingMode
 from .shadow_page import ShadowPage
@@ -20,18 +20,27 @@ GUEST_LEVELS = {PagingMode.NONE: 0, PagingMode.BITS32: 2, PagingMode.PAE: 3, Pag
                 PagingMode.LEVEL5: 5}
 
 
+def pf_exits(pfec_filter: tuple[int, int, bool], error_code: int) -> bool:
+    """Whether a hardware #PF with ``error_code`` exits under the VMCS filter
+    (``Roots.pfec_filter``): iff ((error code & PFEC_MASK) == PFEC_MATCH) equals bit 14
+    of the exception bitmap (SDM 25.2)."""
+    mask, match, bit14 = pfec_filter
+    return ((error_code & mask) == match) == bit14
+
+
 class VcpuMmuState:
     """Per-vCPU MMU state: roots, the PAE root table, the flood detector, and what
     the last ``page_fault`` left for the vCPU (the fault to inject, the gpa to emulate)."""
 
     __slots__ = ("roots", "pae_root_hpfn", "last_pt_write_gfn", "last_pt_write_count", "glevels", "base_role",
-                 "fault", "gpa")
+                 "fault", "gpa", "last_pte_updated")
 
     def __init__(self, pae_root_hpfn: int):
         self.roots: list[ShadowPage | None] = []
         self.pae_root_hpfn = pae_root_hpfn
         self.last_pt_write_gfn = -1
         self.last_pt_write_count = 0
+        self.last_pte_updated = -1   # bypass: host address of the spte update_pte installed last
         self.glevels = -1
         self.base_role = None
         self.fault = None            # PfResult.INJECT: the guest's #PF
@@ -108,6 +117,8 @@ class Roots:
                 sp.root_count += 1
         st.roots = roots
         vcpu.mmu_roots_invalid = False
+        if self.unsync_enabled:
+            self.sync_roots(vcpu)       # a CR3 load invalidates every non-global translation
         # a new root write-protects its guest table: another vCPU's TLB may still
         # hold a writable translation of it (its stores would skip pte_write)
         self.flush_tlbs()
@@ -134,9 +145,33 @@ class Roots:
         # load() validates only the final combination, so any mode can follow any other
         hw.load(self.host, cr4=cr4, efer=efer, cr3=cr3, cr0=CR0_PE | CR0_PG | CR0_WP)
         hw.cpl, hw.ac, hw.pkru = g.cpl, g.ac, g.pkru
+        vcpu.pfec_filter = self.pfec_filter(vcpu) if self.trap_spte else None
         vcpu.tlb.flush()
+
+    def pfec_filter(self, vcpu) -> tuple[int, int, bool]:
+        """Bypass: the VMCS's #PF exit filter, (PFEC_MASK, PFEC_MATCH, exception bitmap
+        bit 14).  A #PF exits iff ((error code & mask) == match) == bit 14 (SDM 25.2).
+        KVM set mask = match = P with bit 14 set: only P=1 faults exit.  The hardware
+        here runs with EFER.NXE=1, so it reports I/D on a fetch fault; a guest without
+        NXE or SMEP would not (SDM 4.7): for it, fetch faults must exit too, so the
+        MMU injects the guest's own error code: mask = P|I/D, match = 0, bit 14 clear
+        (exit unless both are 0).  AMD's NPT-less SVM had no such filter (KVM's commit
+        says so): bypass is a VT-x feature."""
+        if vcpu.guest.report_id:
+            return PF_P, PF_P, True
+        return PF_P | PF_ID, 0, False
 
     def invlpg(self, vcpu, vaddr: int) -> None:
         """2007: nothing to do.  Write protection keeps every spte in sync with its
-        guest pte, so a guest INVLPG only has to reach the hardware TLB."""
+        guest pte, so a guest INVLPG only has to reach the hardware TLB.  Under
+        +unsync it is an exit: the spte of vaddr may be out of sync."""
+        if self.unsync_enabled:
+            self.resync_gva(vcpu, vaddr)
         vcpu.tlb.invlpg(vaddr)
+
+    def flush_guest_tlb(self, vcpu) -> None:
+        """The guest flushed its whole TLB without a CR3 load (a CR4.PGE toggle,
+        INVPCID): under +unsync every reachable page is resynced, as at a CR3 load."""
+        if self.unsync_enabled:
+            self.sync_roots(vcpu)
+        vcpu.tlb.flush()

@@ -34,6 +34,17 @@ SPTE_MMIO = 1 << 9
 # the trace why a read-only spte is read-only.
 SPTE_GUEST_W = 1 << 10
 SPTE_ADDR = 0x000FFFFFFFFFF000
+# Bypass of guest not-present faults (+bypass, KVM c7addb902054, 2007).  VT-x can let
+# a #PF go straight to the guest by its error code (PFEC mask/match): KVM lets the
+# not-present ones (P=0) through.  So an spte that must exit although nothing is
+# mapped -- not shadowed yet, zapped, MMIO -- is the *trap* value: P=1 and every
+# reserved bit, a RSVD fault (P=1 in the error code), always an exit.  Without
+# bypass the trap value is 0.  An spte of 0 under bypass ("notrap") is kept only
+# where the guest's own entry is not present, so the guest's fault is its own.
+# Bit 52 is never set in an spte the MMU makes: ``spte & SPTE_PRESENT_TEST ==
+# SPTE_P`` tells a mapping from the trap value in one test.
+SPTE_TRAP = (1 << 64) - 1
+SPTE_PRESENT_TEST = SPTE_P | (1 << 52)
 # A non-leaf spte grants everything; rights are enforced at the leaf, which
 # carries the AND of every level's rights (the role's inherited access).
 SPTE_TABLE = SPTE_P | SPTE_W | SPTE_U | SPTE_A

@@ -31,17 +31,36 @@ so both sides continue from the same choice)::
     shadow outcome == native(TLB as is)          -> accept
     else: roll native back, flush its TLB, re-run
           shadow outcome == native(fresh walks)  -> accept (the new translation)
-          else                                   -> divergence
+    else (out-of-sync shadows only): for each translation the vCPU *could* hold
+          shadow outcome == native(that one cached) -> accept (a speculative fill)
+    else                                         -> divergence
+
+Out-of-sync shadows use more of the latitude than a TLB that caches only what it
+used: an spte one vCPU's fault or a prefetch installed serves every vCPU, so a
+vCPU may see an old translation it never touched.  The SDM allows that too: a
+processor may cache any translation that is valid, at any time, speculatively
+(SDM 4.10.2.3), and keeps it until it invalidates that page.  So for these
+policies each native vCPU's TLB (``LatitudeTlb``) also keeps, per 4 KB page, every
+translation that was valid since its last invalidation of the page (recorded
+before each op that may change a translation), and a step is accepted if the
+shadow's outcome is native's with one of them cached.  An invalidation empties
+the set, so a vCPU that invalidates must see the new translation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..mmu.audit import AuditError
+from itertools import product
+
+from ..mmu.audit import AuditError, probe_cpu
+from ..mmu.policy import parse_policy
 from ..x86.bits import CR0_PG, CR0_WP, CR4_PGE, CR4_PKE, CR4_PSE, CR4_SMAP, CR4_SMEP, EFER_NXE
 from ..x86.builder import control_registers
+from ..x86.bits import PTE_A
 from ..x86.faults import GeneralProtection, PageFault
+from ..x86.tlb import Tlb
+from ..x86.walker import translate
 from ..x86.formats import GUEST_MODES, PagingMode
 from ..vm.vm import VM
 from .choosers import Chooser, RandomChooser
@@ -355,7 +374,7 @@ class Generator:
     def scenario(self) -> list[Op]:
         ch = self.ch
         kinds = ["user_writes_table", "flood", "quadrant", "mode_cache", "remote", "wp0", "large", "self_map",
-                 "inherit"]
+                 "inherit", "oos"]
         if self.long:
             kinds.append("pkeys")
         kind = ch.choice(kinds)
@@ -383,6 +402,29 @@ class Generator:
                     self.access(va=va, vcpu=v, cpl=0, kind="read"),
                     self.mapping(va, 1, (ch.choice(DATA) << 12) | P | W | U | A | D, v),
                     self.access(va=va, vcpu=v, cpl=3, kind=ch.choice(("store", "read", "fetch")))]
+        if kind == "oos":
+            # out-of-sync shadows: both vCPUs hold a leaf translation, the guest rewrites the pte
+            # twice (under +unsync the first write lets the table go out of sync, the second
+            # lands without an exit), then invalidates in one of its ways, or not at all: a vCPU
+            # that invalidated must see the new pte, one that did not may see either
+            other = 1 - v
+            table = ch.choice(POOL)
+            link = (table << 12) | P | W | U | A
+            ops = [self.mapping(va, 2, link, v),
+                   self.mapping(va, 1, (ch.choice(DATA) << 12) | P | W | U | A | D, v), Op("invlpg", (va,), v),
+                   self.access(va=va, vcpu=v, kind="read"), self.access(va=va, vcpu=other, kind="read"),
+                   self.mapping(va, 1, (ch.choice(DATA) << 12) | P | W | U | A | D, v),
+                   self.mapping(va, 1, self.junk((ch.choice(DATA) << 12) | self.flags()), v)]
+            ops += ch.choice(([Op("invlpg", (va,), v)], [Op("flush", (), v)], [Op("shootdown", ("invlpg", va))],
+                              [Op("pge", (True,), v), Op("pge", (False,), v)], []))
+            ops += [self.access(va=va, vcpu=v), self.access(va=va, vcpu=other),
+                    self.access(va=va, vcpu=v, kind="store")]
+            if ch.chance(0.5):
+                # the same (maybe out-of-sync) table linked under a second directory entry: nothing
+                # was ever cached through that path, so it must show the pte as it is now
+                va2 = va ^ (1 << (22 if self.mode is PagingMode.BITS32 else 21))
+                ops += [self.mapping(va2, 2, link, v), self.access(va=va2, vcpu=v)]
+            return ops
         if kind == "user_writes_table":
             # map a page table frame user-writable, shadow it, then user code stores to it
             table = ch.choice(POOL + ROOTS)
@@ -665,6 +707,56 @@ def _guarded(vm: VM, op: Op, mode: PagingMode):
         return ("crash", f"{type(e).__name__}: {e}")
 
 
+class LatitudeTlb(Tlb):
+    """A native vCPU's TLB that also remembers, per 4 KB page, the translations the
+    vCPU could hold: every one valid since its last invalidation of that page.
+    ``could``: vpn -> set of TLB entries (as ``Tlb.fill`` makes them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.could: dict[int, set[tuple]] = {}
+
+    def invlpg(self, vaddr: int) -> None:
+        super().invlpg(vaddr)
+        self.could.pop(vaddr >> 12, None)
+
+    def translate(self, mem, cpu, vaddr: int, access: int = 0, probe: bool = False) -> int:
+        """A page fault invalidates the TLB entries of its page (SDM 4.10.4.1), the
+        ones the vCPU could hold too."""
+        try:
+            return super().translate(mem, cpu, vaddr, access, probe)
+        except PageFault:
+            self.could.pop(vaddr >> 12, None)
+            raise
+
+    def flush(self) -> None:
+        super().flush()
+        self.could.clear()
+
+    def flush_nonglobal(self) -> None:
+        super().flush_nonglobal()
+        kept = {vpn: {e for e in s if e[3]} for vpn, s in self.could.items()}
+        self.could = {vpn: s for vpn, s in kept.items() if s}
+
+    def drop_cached(self) -> None:
+        """The checker's own flush (to re-run a step with fresh walks): not the guest's
+        invalidation, so the translations it could hold stay."""
+        Tlb.flush(self)
+
+    def remember(self, gmem, cpu, vas) -> None:
+        """Add the current 4 KB translation of each of ``vas`` (a leaf with A set: a
+        walk that cached it would have set A) to what this vCPU could hold."""
+        for va in vas:
+            t = translate(gmem, cpu, va, 0, set_ad=False, probe=True)
+            if t is not None and t.entries and t.page_shift == 12 and t.entries[-1][2] & PTE_A:
+                self.could.setdefault(va >> 12, set()).add(
+                    (t.paddr & ~0xFFF, t.rights, t.dirty, t.global_page, t.pkey))
+
+
+# ops that may change a translation (they store to guest memory)
+_WRITING_OPS = frozenset(("store", "write_entry", "map", "paging_off"))
+
+
 class _NativeCheckpoint:
     """Native guest memory, one vCPU's TLB and the device log, to re-run a step
     with fresh walks (the TLB-latitude retry)."""
@@ -676,6 +768,7 @@ class _NativeCheckpoint:
         self.small = dict(tlb.small)
         self.large = {s: {k: set(v) for k, v in d.items()} for s, d in tlb.large.items()}
         self.nr_large = tlb.nr_large
+        self.could = {vpn: set(c) for vpn, c in tlb.could.items()}
         self.cr2 = vcpu.cr2
         self.log_len = len(vm.device.log)
 
@@ -687,6 +780,7 @@ class _NativeCheckpoint:
         tlb.small = self.small
         tlb.large = self.large
         tlb.nr_large = self.nr_large
+        tlb.could = {vpn: set(c) for vpn, c in self.could.items()}
         vcpu.cr2 = self.cr2
         del vm.device.log[self.log_len:]
 
@@ -704,6 +798,12 @@ class Lockstep:
         # audit=False: the checker audits after every step itself
         self.shadow = VM(RAM_SIZE, pte_write=policy, seed_access_bug=seed_bug, pool_pages=pool_pages,
                          nr_vcpus=nr_vcpus, audit=False)
+        for v in self.native.vcpus:
+            v.tlb = LatitudeTlb()
+        # out-of-sync shadows use the speculative-caching latitude (see the module's text)
+        self.speculative = parse_policy(policy).unsync
+        self.latitude_vas = tuple(compose_va(mode, idx) for idx in product(*_INDICES[mode]))
+        self.speculative_ok = 0      # steps accepted only with a translation the vCPU could hold
         for vm in (self.native, self.shadow):
             vm.device = Device()
             vm.dirty_read = None
@@ -729,7 +829,11 @@ class Lockstep:
         if op.vcpu >= len(self.native.vcpus):
             raise ValueError(f"op {op} names vCPU {op.vcpu}; the VMs have {len(self.native.vcpus)}")
         nv = self.native.vcpus[op.vcpu]
-        ckpt = _NativeCheckpoint(self.native, nv) if op.kind in _MEMORY_OPS and nv.tlb.small else None
+        if self.speculative and op.kind in _WRITING_OPS:
+            for v in self.native.vcpus:
+                v.tlb.remember(self.native.gmem, probe_cpu(v.guest), self.latitude_vas)
+        ckpt = (_NativeCheckpoint(self.native, nv) if op.kind in _MEMORY_OPS and (nv.tlb.small or nv.tlb.could)
+                else None)
         a = _guarded(self.native, op, self.mode)
         b = _guarded(self.shadow, op, self.mode)
         self.steps += 1
@@ -740,7 +844,7 @@ class Lockstep:
             # invalidating; the new one is always allowed, so re-run native with fresh walks
             first = bad
             ckpt.restore(self.native, nv)
-            nv.tlb.flush()
+            nv.tlb.drop_cached()
             bad = self._compare(_guarded(self.native, op, self.mode), b, shadow_mem)
             if bad is None:
                 self.stale_ok += 1
@@ -748,6 +852,9 @@ class Lockstep:
                     # tdp's TLB is native's twin; native's was just emptied to re-run the
                     # step, so tdp's goes too (else it would hold older entries than native's)
                     self.shadow.vcpus[op.vcpu].tlb.flush()
+            elif self.speculative and self._speculative_match(op, nv, ckpt, b, shadow_mem):
+                self.speculative_ok += 1
+                bad = None
             else:
                 bad = first
         if bad:
@@ -760,7 +867,7 @@ class Lockstep:
             # two candidates above reproduces, though both machines are right.
             self.tdp_flushes = self.shadow.mmu.stats["tlb_flushes"]
             for w in self.native.vcpus:
-                w.tlb.flush()
+                w.tlb.drop_cached()
         native_mem = self.native.gmem.snapshot()
         if op.kind == "dirty_log":
             d = self._check_dirty_log(op, self.shadow.dirty_read, native_mem)
@@ -772,6 +879,27 @@ class Lockstep:
             except AuditError as e:
                 return Divergence(i, op, f"audit: {e}", "", "", program)
         return None
+
+    def _speculative_match(self, op: Op, nv, ckpt, b, shadow_mem: dict) -> bool:
+        """Re-run native with each combination of translations the vCPU could hold for
+        the page(s) the access touches cached; True if one gives the shadow's outcome
+        (native's state is then that run's)."""
+        if op.kind not in ("read", "fetch", "store"):
+            return False
+        va, size = op.args[0], 1 if op.kind == "fetch" else op.args[2]
+        pages = sorted({va >> 12, (va + size - 1) >> 12})
+        choices = [[None, *ckpt.could.get(vpn, ())] for vpn in pages]
+        for combo in product(*choices):
+            if not any(combo):
+                continue                            # that one is the fresh-walk run, already tried
+            ckpt.restore(self.native, nv)
+            nv.tlb.drop_cached()
+            for vpn, entry in zip(pages, combo):
+                if entry is not None:
+                    nv.tlb.small[vpn] = entry
+            if self._compare(_guarded(self.native, op, self.mode), b, shadow_mem) is None:
+                return True
+        return False
 
     def _check_dirty_log(self, op: Op, logged, native_mem: dict) -> str | None:
         """Every guest frame whose bytes changed since logging began or the log was

@@ -22,7 +22,8 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
-from ..mmu.mmu import POLICIES, POLICY_NAMES
+from ..mmu.mmu import POLICIES
+from ..mmu.policy import policy_arg
 from ..x86.formats import GUEST_MODES
 
 MEASURED = ("*/shadowmmu/mmu/*.py", "*/shadowmmu/x86/walker.py", "*/shadowmmu/x86/tlb.py",
@@ -97,8 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=7, help="campaign seed (the same seed gives the same programs)")
     ap.add_argument("--jobs", type=int, default=2, help="campaigns measured at once (one process each)")
     ap.add_argument("--json", action="store_true", help="print the measurement as JSON")
-    ap.add_argument("--policies", nargs="+", choices=POLICY_NAMES, default=list(POLICIES),
-                    help="MMU policies to run (default: zap update; +prefetch variants too)")
+    ap.add_argument("--policies", nargs="+", type=policy_arg, metavar="POLICY", default=list(POLICIES),
+                    help="MMU policies to run (default: zap update); any name --policy takes")
     ap.add_argument("--one", nargs=2, metavar=("GUEST", "POLICY"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps <= 0 or args.jobs <= 0:

@@ -40,6 +40,7 @@ class BootResult:
     memory_sha256: str
     seconds: float
     mmu_stats: dict = field(default_factory=dict)
+    vcpu_stats: dict = field(default_factory=dict)   # e.g. bypassed_faults: #PFs the hardware gave the guest directly
     trace: list[str] = field(default_factory=list)
     instructions: int | None = None          # guest instructions, when counted
     exit_seconds: dict = field(default_factory=dict)
@@ -158,5 +159,6 @@ class Machine:
         return BootResult(mode=vm.policy, serial=bytes(self.devices.serial_output), status=self.devices.exit_status,
                           stop_reason=cpu.stop_reason or "", exits=dict(vm.exits), deliveries=dict(cpu.deliveries),
                           memory_sha256=hashlib.sha256(ram).hexdigest(), seconds=seconds,
-                          mmu_stats=dict(vm.mmu.stats) if vm.mmu else {}, trace=list(cpu.trace),
+                          mmu_stats=dict(vm.mmu.stats) if vm.mmu else {}, vcpu_stats=dict(cpu.stats),
+                          trace=list(cpu.trace),
                           instructions=cpu.instructions, exit_seconds=dict(cpu.exit_seconds))

@@ -32,6 +32,7 @@ import unicorn as U
 import unicorn.x86_const as X
 
 from ..mmu.mmu import MMUError, PfResult
+from ..mmu.roots import pf_exits
 from ..x86.bits import ACC_IMPLICIT, ACC_WRITE, EFER_LMA, PF_ID, PF_RSVD, PF_U, PF_W, PTE_A, PTE_D, PTE_P, PTE_U, PTE_W
 from ..x86.faults import PageFault
 from ..x86.tlb import Tlb
@@ -373,7 +374,12 @@ class RealVCpu(Intercepts, VCpu):
         if self.native:
             self._deliver(delivery.PF, error_code, cr2=vaddr)
             return None
-        if error_code & PF_RSVD:
+        if self.pfec_filter is not None:
+            if not pf_exits(self.pfec_filter, error_code):       # bypass: the VMCS's #PF filter
+                self.stats["bypassed_faults"] += 1
+                self._deliver(delivery.PF, error_code, cr2=vaddr)
+                return None
+        elif error_code & PF_RSVD:
             raise MMUError(f"the hardware found reserved bits in an spte walking {vaddr:#x}")
         if self.stepping is not None and vaddr >> 12 in self.stepping.windows_by_page:
             raise MMUError(f"the emulation window of {vaddr:#x} faults")

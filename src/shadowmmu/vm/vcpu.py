@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ..mmu.mmu import MMUError, PfResult
+from ..mmu.roots import pf_exits
 from ..x86.bits import (
     ACC_FETCH, ACC_USER, ACC_WRITE, CR0_PG, CR4_LA57, CR4_PAE, CR4_PGE, CR4_PKE, CR4_PSE, CR4_SMAP,
     CR4_SMEP, EFER_LME,
@@ -30,6 +31,7 @@ from ..x86.cpu import A_SMAP_OVERRIDE, CpuState
 from ..x86.faults import PageFault
 from ..x86.formats import PagingMode
 from ..x86.tlb import Tlb
+from ..x86.walker import translate
 
 _SIZES = (1, 2, 4, 8)
 _FIXED, _INJECT = PfResult.FIXED, PfResult.INJECT
@@ -61,6 +63,7 @@ class VCpu:
         self.fault_depth = 0
         self.mmu_roots_invalid = False
         self.mmu_state = None
+        self.pfec_filter = None          # bypass: the #PF exit filter (mask, match, bitmap bit 14)
         self.access_hook = None          # see _access
         self.stats: Counter = Counter()
         self._host_frames = vm.host.frames
@@ -266,6 +269,8 @@ class VCpu:
             pa = self.tlb.translate(self.host, self.hw, vaddr, access, probe=True)
             if pa >= 0:
                 return 0, pa
+            if self.pfec_filter is not None:
+                self._bypass(vaddr, access)
             # a hardware #PF on the shadow tables: VM exit
             at = events.mark() if events.tracing else 0
             result = mmu.page_fault(self, vaddr, access)
@@ -286,6 +291,19 @@ class VCpu:
                                  at)
             return 1, gpa
         raise MMUError(f"the shadow MMU keeps reporting {vaddr:#x} fixed but the hardware still faults")
+
+    def _bypass(self, vaddr: int, access: int) -> None:
+        """Bypass (VT-x PFEC mask/match): the hardware's #PF goes straight to the guest,
+        with the hardware's error code, when the filter says it does not exit."""
+        try:
+            translate(self.host, self.hw, vaddr, access, record=False)
+        except PageFault as pf:
+            if not pf_exits(self.pfec_filter, pf.error_code):
+                self.stats["bypassed_faults"] += 1
+                if self.events.tracing:
+                    self.events.note("#PF bypassed", f"#PF at {vaddr:#x} error code {pf.error_code:#x} goes "
+                                     f"straight to the guest (no exit)")
+                raise
 
     def _perform(self, target: tuple[int, int], size: int, value: int | None):
         kind, addr = target
@@ -406,7 +424,7 @@ class VCpu:
         if role_bits or self.guest.pdptes != old_pdptes:
             mmu.reload_roots(self)      # new role, or new PAE roots
         else:
-            self.tlb.flush()
+            mmu.flush_guest_tlb(self)
 
     def flush_tlb(self) -> None:
         """Flush every TLB entry, global ones too (CR4.PGE toggled twice, as Linux's
@@ -420,17 +438,27 @@ class VCpu:
 
     def invalidate_all(self) -> None:
         """INVPCID type 2 (all contexts, global entries too): flushes the TLB without
-        touching a control register, so it neither exits nor reloads PAE PDPTEs."""
-        self.tlb.flush()
+        touching a control register, so it reloads no PAE PDPTEs.  It exits only under
+        +unsync (reason "invlpg", as KVM intercepts INVLPG and INVPCID alike then)."""
+        if self.native or self.tdp:         # tdp: not intercepted under EPT, the combined TLB only
+            self.tlb.flush()
+            return
+        if self.vm.mmu.unsync_enabled:
+            self.events.exit("invlpg", "INVPCID (all contexts)")
+        self.vm.mmu.flush_guest_tlb(self)
 
     def invlpg(self, vaddr: int) -> None:
-        """INVLPG: in 2007 not intercepted (write protection keeps sptes in sync)."""
+        """INVLPG: in 2007 not intercepted (write protection keeps sptes in sync); an
+        exit under +unsync, whose shadow may be out of sync."""
         if self.native:
             self.tlb.invlpg(vaddr)
-        elif self.tdp:
+            return
+        if self.tdp:
             self.tlb.invlpg(vaddr)          # not intercepted under EPT: the combined TLB only
-        else:
-            self.vm.mmu.invlpg(self, vaddr)
+            return
+        if self.vm.mmu.unsync_enabled:
+            self.events.exit("invlpg", f"INVLPG {vaddr:#x}")
+        self.vm.mmu.invlpg(self, vaddr)
 
     def setup_paging(self, *, cr0: int, cr3: int, cr4: int = 0, efer: int = 0) -> None:
         """Enter a paging mode in one go (a boot path): CR4, EFER, CR3, then CR0."""

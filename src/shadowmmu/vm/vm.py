@@ -16,6 +16,10 @@ from .vcpu import VCpu
 # never accidentally an hpa.
 POOL_HOST_BASE_PFN = 0x100
 MAX_RAM = 64 << 30
+# The host CPU's physical-address width (a server of the Haswell..Ice Lake class).  It
+# matters to bypass: the trap spte (spte.SPTE_TRAP) faults because bits 51:46 are
+# reserved; with 52 address bits a level-1 entry has no reserved bit left at all.
+HOST_MAXPHYADDR = 46
 
 
 class VM:
@@ -65,7 +69,7 @@ class VM:
         pool_base = POOL_HOST_BASE_PFN
         extra = 0 if native else pool_pages + nr_vcpus
         ram_base = pool_base + extra
-        self.host = physical_memory((ram_base + self.ram_pages) << 12, maxphyaddr=52, backend=memory)
+        self.host = physical_memory((ram_base + self.ram_pages) << 12, maxphyaddr=HOST_MAXPHYADDR, backend=memory)
         self.slots = [Memslot(0, self.ram_pages, ram_base, id=0)]
         self.mmio: list[MmioRegion] = []
         self.gmem = GuestPhysical(self.host, self.slots, self.mmio)
