@@ -4,7 +4,9 @@ A demand fault is the full cycle: the user access, its VM exits (shadow), the
 guest's fault handler writing the pte with guest stores, and the retried access.
 Warm accesses run on pages already mapped: TLB hits, and TLB misses (the TLB is
 invalidated before every access, so each one walks the shadow -- or, natively,
-the guest's -- tables in hardware, without an exit).
+the guest's -- tables in hardware, without an exit).  ``tdp`` (EPT): a demand
+fault exits only when it touches a new guest frame, and a TLB miss is a 2-D walk
+(mmu/tdp.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from ..guest.minimal import USER_BASE, MiniGuest
 from ..vm import VM
 
-POLICIES = ("native", "zap", "update")
+POLICIES = ("native", "zap", "update", "tdp")
 
 
 def _vm(policy: str, guest: str, pages: int):

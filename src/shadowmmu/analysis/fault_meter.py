@@ -33,7 +33,8 @@ Each fault also gets a *case*, defined by what happened, so that a headline
                   during the fault (the other half of a 32-bit table, the direct
                   map's shadow for a frame touched for the first time, reclaim).
 
-On native paging there is no shadow: a fault whose table existed is ``steady``.
+On native paging (and under two-dimensional paging) there is no shadow: a fault
+whose table existed is ``steady``.
 The meter asks the MMU whether a gfn is shadowed, as a debugger would.  The guest
 kernel knows nothing of the meter: its fault handler tells whoever set
 ``Kernel.fault_observer`` the kind of the fault, which page table holds the pte
@@ -82,7 +83,7 @@ class FaultMeter:
         if self._kind is not None:
             return
         self._kind = kind
-        mmu = self.kernel.vm.mmu
+        mmu = self._shadow_mmu()
         if table_gpa is None:
             self._case, self._table_gfn = None, -1
         elif new_table:
@@ -92,6 +93,12 @@ class FaultMeter:
             self._case = "steady" if mmu is None or mmu.is_shadowed(self._table_gfn) else "unshadowed"
             if mmu is not None:
                 self._shadow_churn = mmu.stats["pages_created"] + mmu.stats["pages_zapped"]
+
+    def _shadow_mmu(self):
+        """The shadow MMU, or None when nothing is shadowed (native, and two-dimensional
+        paging: there, as natively, a fault whose table existed is steady)."""
+        mmu = self.kernel.vm.mmu
+        return None if mmu is None or getattr(mmu, "tdp", False) else mmu
 
     def reset(self) -> None:
         for k in KINDS:
@@ -136,7 +143,7 @@ class FaultMeter:
         self.by_reason[kind].update(delta)
         self.histogram[kind][total] += 1
         case = self._case
-        mmu = self.kernel.vm.mmu
+        mmu = self._shadow_mmu()
         if case == "steady" and mmu is not None:
             if not mmu.is_shadowed(self._table_gfn):
                 case = "flooded"
