@@ -6,8 +6,10 @@ then fails `make test` early, before the slower workload and CLI tests have run
 import pytest
 
 from shadowmmu.mmu.mmu import ShadowMMU
+from shadowmmu.mmu.tdp import TdpMMU
 
-FIRST = ("test_mmu_exits.py", "test_mmu_features.py", "test_audit_detects.py", "test_lockstep.py", "test_mmu_mutants.py")
+FIRST = ("test_mmu_exits.py", "test_mmu_features.py", "test_audit_detects.py", "test_lockstep.py", "test_mmu_mutants.py",
+         "test_mmu_tdp.py")
 CAMPAIGNS = ("test_native_and_shadow_are_indistinguishable", "test_seeded_campaign",
              "test_the_seed_update_pte_bug_is_found")
 
@@ -36,6 +38,7 @@ def audit_every_mmu(request, monkeypatch):
     breaks, not later where it shows."""
     every = True if request.path.name.startswith(FULL_AUDIT) else SAMPLE_INTERVAL
     monkeypatch.setattr(ShadowMMU, "audit_by_default", every)
+    monkeypatch.setattr(TdpMMU, "audit_by_default", every)
 
 
 @pytest.fixture(params=("dict", "mmap"))

@@ -485,6 +485,10 @@ def _other_text(pf: dict) -> str:
     return "-" if not pf["other_faults"] else f"{pf['other']:.2f} ×{pf['other_faults']}"
 
 
+def _paging_text(policy: str) -> str:
+    return "two-dimensional paging (tdp: EPT)" if policy == "tdp" else "shadow paging, policy " + policy
+
+
 def cmd_run(args) -> int:
     import json
     from .analysis.report import guest_label, run_report, steady_text
@@ -503,7 +507,7 @@ def cmd_run(args) -> int:
         return 0
     native = policy == "native"
     t = Table(title=f"{args.workload} (size {rep['size']}) on a {guest_label(args.guest, args.pae_stores)} guest, "
-                    f"{'native paging' if native else 'shadow paging, policy ' + policy}, {args.frames} frames")
+                    f"{'native paging' if native else _paging_text(policy)}, {args.frames} frames")
     t.add_column("guest event")
     t.add_column("count", justify="right")
     for k, v in rep["guest_events"].items():
@@ -528,7 +532,14 @@ def cmd_run(args) -> int:
             console.print(f"no {kind} faults")
             continue
         console.print(f"VM exits per {kind} fault: {steady_text(pf)} over {pf['steady_faults']:,} steady faults "
-                      f"(table existed, stayed shadowed); {_other_text(pf)} other; mean {_fmt(pf['mean'])}")
+                      f"(table existed{'' if policy == 'tdp' else ', stayed shadowed'}); {_other_text(pf)} other; "
+                      f"mean {_fmt(pf['mean'])}")
+    tdp = rep.get("tdp")
+    if tdp:
+        console.print(f"2-D walks (boot excluded): {tdp['tlb_misses']:,} TLB misses, {tdp['walk_refs']:,} guest + EPT "
+                      f"entries read; {_fmt(tdp['refs_per_miss'])} per complete walk (n*m + n + m, n guest levels, "
+                      f"m = 4 EPT levels, no paging-structure caches); {tdp['ept_violations']:,} EPT violations, "
+                      f"{tdp['ept_zaps']:,} EPT zaps, {tdp['ept_pages']:,} EPT pages at the end")
     console.print(f"estimated time ({est['preset']}): shadow {est['shadow']['seconds'] * 1e3:.3f} ms, "
                   f"native {est['native']['seconds'] * 1e3:.3f} ms, slowdown {est['slowdown']:.2f}x "
                   f"(work per user access {est['work_per_access_cycles']:.0f} cycles, fitted to 484 s / 265 s)")
@@ -658,7 +669,9 @@ def cmd_boot(args) -> int:
         print(f"shadowmmu boot: --ram {args.ram} MiB: give 2 to 3584 MiB (RAM lies below the 3.5 GiB PCI hole)",
               file=sys.stderr)
         return 2
-    from .vm.machine import Machine
+    from .vm.machine import TDP_UNSUPPORTED, Machine
+    if not args.native and args.policy == "tdp":
+        raise UsageError(TDP_UNSUPPORTED)
     cmdline = " ".join([args.kernel, *args.args])
     out = sys.stdout if not args.json else None
     sink = (lambda b: (out.write(chr(b)), out.flush())) if out is not None else None

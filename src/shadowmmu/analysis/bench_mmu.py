@@ -8,7 +8,7 @@ exits under +unsync -- so each one walks the shadow -- or, natively,
 the guest's; under tdp, the guest's and the second dimension's -- tables in
 hardware, without an exit).
 
-One row per policy: the seed's three by default, then what KVM did after it
+One row per policy: native, zap, update and tdp by default, or what KVM did after the seed
 (``HISTORY``: +bypass, +unsync, modern, tdp) when this build's VM runs them.
 """
 
@@ -19,7 +19,7 @@ import time
 from ..guest.minimal import USER_BASE, MiniGuest
 from ..vm import VM
 
-POLICIES = ("native", "zap", "update")
+POLICIES = ("native", "zap", "update", "tdp")
 HISTORY = ("native", "zap", "update", "update+bypass", "zap+unsync", "update+unsync", "modern", "tdp")
 
 

@@ -268,6 +268,7 @@ def run_report(workload: str, policy: str, guest: str, size=None, seed: int = 0,
                      "native": {"cycles": est["native_cycles"], "seconds": est["native_seconds"]},
                      "slowdown": None if native else est["slowdown"], "parts": est["parts"]},
         "memory_check": r.get("memory_check"),
+        "tdp": r.get("tdp"),
     }
 
 

@@ -39,6 +39,7 @@ def run_workload(vm, workload: str, guest: str = "64", size: int | None = None, 
     mmu = vm.mmu
     stats0 = dict(mmu.stats) if mmu is not None else {}
     tlb0 = sum(v.tlb.misses for v in vm.vcpus)
+    walks0 = _tdp_walks(vm)
     meter = FaultMeter.attach(k)
     nexit = w.setup(k, size, seed)
     if progress is not None:
@@ -76,4 +77,29 @@ def run_workload(vm, workload: str, guest: str = "64", size: int | None = None, 
         "seconds": round(t2 - t1, 3),
         "accesses": accesses,
         "accesses_per_second": round(accesses / (t2 - t1)) if t2 > t1 else None,
+        "tdp": _tdp_delta(walks0, _tdp_walks(vm)),
     }
+
+
+_TDP_COUNTS = ("tlb_misses", "walk_refs", "complete_walks", "complete_walk_refs", "ept_violations", "ept_zaps")
+
+
+def _tdp_walks(vm) -> dict | None:
+    """Two-dimensional paging: the 2-D walk counters (mmu/tdp.py), None otherwise."""
+    mmu = vm.mmu
+    if mmu is None or not getattr(mmu, "tdp", False):
+        return None
+    s = mmu.stats
+    return {k: s[k] for k in (*_TDP_COUNTS, "ept_pages")}
+
+
+def _tdp_delta(before: dict | None, after: dict | None) -> dict | None:
+    """The workload's share of the 2-D walks (boot excluded): TLB misses (walks started,
+    EPT violations restart them), entries read, and per complete walk n*m + n + m with
+    no paging-structure caches (the worst case); ept_pages is the EPT's size at the end."""
+    if before is None or after is None:
+        return None
+    d = {k: after[k] - before[k] for k in _TDP_COUNTS}
+    d["refs_per_miss"] = d["complete_walk_refs"] / d["complete_walks"] if d["complete_walks"] else None
+    d["ept_pages"] = after["ept_pages"]
+    return d

@@ -51,6 +51,10 @@ def _present(spt):
 
 
 def audit(mmu, *, guest_walks: bool = True) -> None:
+    if getattr(mmu, "tdp", False):          # two-dimensional paging: its own invariants
+        from .tdp_audit import audit_tdp
+        audit_tdp(mmu)
+        return
     gmem = mmu.gmem
     pages = list(mmu.pages.values())
     if len(pages) > mmu.pool_size:

@@ -5,6 +5,8 @@ read, every fault delivered (address and error code), every #GP, every MMIO
 access a device sees, and every byte of guest memory, A and D bits included,
 must be what native paging allows.  ``audit()`` runs after every step on the
 shadow side, and the dirty log is checked against what native paging changed.
+With policy "tdp" the second VM runs two-dimensional paging (mmu/tdp.py) instead
+of a shadow MMU, checked the same way.
 
 Programs are data: a list of ops over a small world (three address spaces, two
 vCPUs, a pool of page-table frames and data frames, an identity-mapped kernel
@@ -811,6 +813,8 @@ class Lockstep:
         self.steps = 0
         self.stale_ok = 0            # steps where the guest saw the old translation on native only
         self.dirty_base: dict[int, bytes] | None = None    # native memory when the dirty log was last read
+        # tdp: the count of the MMU's INVEPTs, mirrored on native's TLBs (see step())
+        self.tdp_flushes = self.shadow.mmu.stats["tlb_flushes"] if getattr(self.shadow.mmu, "tdp", False) else None
 
     def _compare(self, a, b, shadow_mem: dict) -> tuple[str, object, object] | None:
         """What the guest could tell apart after one step, or None."""
@@ -844,6 +848,10 @@ class Lockstep:
             bad = self._compare(_guarded(self.native, op, self.mode), b, shadow_mem)
             if bad is None:
                 self.stale_ok += 1
+                if self.tdp_flushes is not None:
+                    # tdp's TLB is native's twin; native's was just emptied to re-run the
+                    # step, so tdp's goes too (else it would hold older entries than native's)
+                    self.shadow.vcpus[op.vcpu].tlb.flush()
             elif self.speculative and self._speculative_match(op, nv, ckpt, b, shadow_mem):
                 self.speculative_ok += 1
                 bad = None
@@ -851,6 +859,15 @@ class Lockstep:
                 bad = first
         if bad:
             return Divergence(i, op, bad[0], bad[1], bad[2], program)
+        if self.tdp_flushes is not None and self.shadow.mmu.stats["tlb_flushes"] != self.tdp_flushes:
+            # Under tdp the combined TLB caches exactly what native's does, except that the
+            # hypervisor's INVEPTs (dirty log, EPT zaps) empty it.  Native drops the same
+            # entries at the same step (a TLB may drop any entry at any time): otherwise tdp's
+            # TLB, refilled since, mixes translations of different ages that neither of the
+            # two candidates above reproduces, though both machines are right.
+            self.tdp_flushes = self.shadow.mmu.stats["tlb_flushes"]
+            for w in self.native.vcpus:
+                w.tlb.drop_cached()
         native_mem = self.native.gmem.snapshot()
         if op.kind == "dirty_log":
             d = self._check_dirty_log(op, self.shadow.dirty_read, native_mem)

@@ -6,6 +6,8 @@ Exit reasons (one count per VM exit):
 - ``pf_injected``  #PF injected into the guest (its own tables say fault)
 - ``pte_write``    a guest store to a write-protected page table, emulated
 - ``mmio``         an access to a gpa with no memslot, emulated
+- ``ept_violation`` two-dimensional paging: the first touch of a guest frame the
+                   EPT does not map yet (the MMU maps it and the access restarts)
 - ``emulate``      another access the MMU chose to emulate (CR0.WP=0 write under SMAP)
 - ``cr_access``    a write to CR0/CR3/CR4/EFER
 - ``invlpg``       an intercepted INVLPG (not in the 2007 configuration)
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-EXIT_REASONS = ("pf_fixed", "pf_injected", "pte_write", "mmio", "emulate", "cr_access", "invlpg", "io", "msr")
+EXIT_REASONS = ("pf_fixed", "pf_injected", "pte_write", "mmio", "emulate", "cr_access", "invlpg", "io", "msr",
+                "ept_violation")
 
 
 class EventLog:

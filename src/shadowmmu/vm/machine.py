@@ -55,6 +55,10 @@ class BootResult:
         return self.status == 1
 
 
+TDP_UNSUPPORTED = ("the real vCPU runs native or shadow paging; two-dimensional paging (tdp) is modelled on the "
+                   "model vCPU only (run, compare, bench mmu, selfcheck --lockstep)")
+
+
 class Machine:
     """``image``: the kernel's bytes; ``cmdline``: the multiboot command line (QEMU
     passes the image path then -append's words).  ``native`` (or ``policy="native"``):
@@ -63,6 +67,8 @@ class Machine:
     def __init__(self, image: bytes, cmdline: str = "kernel", *, native: bool = False, policy: str = "update",
                  ram_mib: int = 64, seed_access_bug: bool = False, audit: bool | int | None = None,
                  module: bytes | None = None, trace: int = 0, serial_sink=None, pool_pages: int = 4096):
+        if not native and policy == "tdp":
+            raise ValueError(TDP_UNSUPPORTED)
         ram = ram_mib << 20
         self.boot = boot = load_multiboot(image, cmdline=cmdline, ram_size=ram, module=module)
         self.devices = PcDevices(ram, serial_sink=serial_sink)

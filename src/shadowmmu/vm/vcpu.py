@@ -29,6 +29,7 @@ from ..x86.bits import (
 )
 from ..x86.cpu import A_SMAP_OVERRIDE, CpuState
 from ..x86.faults import PageFault
+from ..x86.formats import PagingMode
 from ..x86.tlb import Tlb
 from ..x86.walker import translate
 
@@ -50,10 +51,11 @@ class VCpu:
         self.vm = vm
         self.index = index
         self.native = vm.native
+        self.tdp = vm.tdp                 # two-dimensional paging: the hardware walks the guest's tables
         self.gmem = vm.gmem
         self.host = vm.host
         self.guest = CpuState(maxphyaddr=vm.maxphyaddr)    # the registers the guest sees
-        self.hw = self.guest if self.native else CpuState(maxphyaddr=vm.host.maxphyaddr)
+        self.hw = self.guest if self.native or self.tdp else CpuState(maxphyaddr=vm.host.maxphyaddr)
         self.tlb = self.tlb_class()
         self.events = vm.events
         self.fault_handler = None
@@ -257,6 +259,10 @@ class VCpu:
             gpa = self.tlb.translate(self.gmem, self.guest, vaddr, access)
             pfn = self.gmem.gfn_to_pfn(gpa >> 12)
             return (1, gpa) if pfn is None else (0, (pfn << 12) | (gpa & 0xFFF))
+        if self.tdp:
+            # the combined TLB, then the 2-D walk; a guest #PF propagates (no exit),
+            # EPT violations and MMIO exits are the MMU's (mmu/tdp.py)
+            return self.vm.mmu.resolve(self, vaddr, access)
         events = self.events
         mmu = self.vm.mmu
         for _ in range(8):
@@ -382,6 +388,14 @@ class VCpu:
         self._after_mode_write(0, 0, old ^ self.guest.efer, self.guest.pdptes)
 
     def write_cr3(self, value: int) -> None:
+        if self.tdp:
+            # no CR3-load exiting under EPT: the hardware loads the guest's CR3 itself
+            # (PAE: its PDPTEs, through the EPT) and treats the combined TLB as native
+            self.guest.write_cr3(value, self.gmem)
+            if self.guest.mode is PagingMode.PAE:
+                self.vm.mmu.load_pdptes(self)
+            self.tlb.on_cr3_write(self.guest)
+            return
         self._cr_exit(f"CR3 <- {value:#x}")
         self.guest.write_cr3(value, self.gmem)
         if self.native:
@@ -391,6 +405,15 @@ class VCpu:
 
     def _after_mode_write(self, d_cr0: int, d_cr4: int, d_efer: int, old_pdptes: tuple) -> None:
         flush_bits = CR4_PGE | CR4_PAE | CR4_PSE | CR4_SMEP | CR4_LA57
+        if self.tdp:
+            # the exit was counted (CR0/CR4 guest/host masks); the TLB as native, and
+            # PDPTEs the write reloaded are read through the EPT
+            if self.guest.mode is PagingMode.PAE and (d_cr0 & CpuState._CR0_PDPTE_BITS
+                                                       or d_cr4 & CpuState._CR4_PDPTE_BITS):
+                self.vm.mmu.load_pdptes(self)
+            if d_cr0 & CR0_PG or d_cr4 & flush_bits or d_efer & EFER_LME:
+                self.tlb.flush()
+            return
         if self.native:
             if d_cr0 & CR0_PG or d_cr4 & flush_bits or d_efer & EFER_LME:
                 self.tlb.flush()
@@ -417,7 +440,7 @@ class VCpu:
         """INVPCID type 2 (all contexts, global entries too): flushes the TLB without
         touching a control register, so it reloads no PAE PDPTEs.  It exits only under
         +unsync (reason "invlpg", as KVM intercepts INVLPG and INVPCID alike then)."""
-        if self.native:
+        if self.native or self.tdp:         # tdp: not intercepted under EPT, the combined TLB only
             self.tlb.flush()
             return
         if self.vm.mmu.unsync_enabled:
@@ -429,6 +452,9 @@ class VCpu:
         exit under +unsync, whose shadow may be out of sync."""
         if self.native:
             self.tlb.invlpg(vaddr)
+            return
+        if self.tdp:
+            self.tlb.invlpg(vaddr)          # not intercepted under EPT: the combined TLB only
             return
         if self.vm.mmu.unsync_enabled:
             self.events.exit("invlpg", f"INVLPG {vaddr:#x}")

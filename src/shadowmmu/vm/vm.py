@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..mmu.audit import audit
 from ..mmu.mmu import ShadowMMU
 from ..mmu.policy import parse_policy
+from ..mmu.tdp import TdpMMU
 from ..x86.memory import physical_memory
 from .events import EventLog
 from .memslots import GuestPhysical, Memslot, MmioRegion
@@ -34,7 +35,9 @@ class VM:
     "mmap" (one anonymous mapping, see ``x86.memory.MappedPhysicalMemory``).
     ``vm.policy`` and ``vm.exits`` (exits by reason) read the result back.
     ``prefetch``: pte prefetch group (0 off, KVM's 8; see ``ShadowMMU.prefetch``).
-    ``nr_vcpus=0``: the caller attaches its own vCPU (the real one, ``vm.real_cpu``)."""
+    ``nr_vcpus=0``: the caller attaches its own vCPU (the real one, ``vm.real_cpu``).
+    ``policy="tdp"``: two-dimensional paging (EPT), no shadow tables: a ``TdpMMU``
+    whose EPT pages come from the same bounded pool (``mmu/tdp.py``)."""
 
     def __init__(self, ram_size: int = 256 << 20, *, native: bool = False, policy: str | None = None,
                  pte_write: str | None = None, seed_access_bug: bool = False, pool_pages: int = 4096,
@@ -45,6 +48,8 @@ class VM:
         if policy is not None and pte_write is not None and policy != pte_write:
             raise ValueError(f"policy={policy!r} and pte_write={pte_write!r} name the same knob: give one")
         spec = parse_policy(policy or pte_write or "update")
+        if spec.tdp and (prefetch or seed_access_bug):
+            raise ValueError("prefetch and seed_access_bug are shadow-MMU options; tdp shadows no guest table")
         if prefetch:
             spec = spec._replace(prefetch=prefetch)
         if not isinstance(ram_size, int) or ram_size <= 0 or ram_size % 4096:
@@ -56,6 +61,7 @@ class VM:
         if nr_vcpus < 0:
             raise ValueError(f"nr_vcpus must be 0 or more, got {nr_vcpus}")
         self.native = native
+        self.tdp = not native and spec.tdp
         self.maxphyaddr = maxphyaddr
         self.ram_pages = ram_size >> 12
         if not native and POOL_HOST_BASE_PFN + pool_pages + nr_vcpus > 1 << 20:
@@ -69,7 +75,10 @@ class VM:
         self.gmem = GuestPhysical(self.host, self.slots, self.mmio)
         self.events = EventLog(tracing)
         self.mmu = None
-        if not native:
+        if self.tdp:
+            self.mmu = TdpMMU(self.host, self.gmem, list(range(pool_base, pool_base + extra)), events=self.events,
+                              audit=audit)
+        elif not native:
             self.mmu = ShadowMMU(self.host, self.gmem, list(range(pool_base, pool_base + extra)),
                                  pte_write=spec.pte_write, seed_access_bug=seed_access_bug, events=self.events,
                                  audit=audit, prefetch=spec.prefetch, bypass=spec.bypass, unsync=spec.unsync)
