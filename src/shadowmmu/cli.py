@@ -744,7 +744,7 @@ def cmd_compare(args) -> int:
         data = compare_data(args, cb)
     if args.plot:
         from .analysis.plots import plot_compare
-        _plot(plot_compare, data, args.plot)
+        _plot(plot_compare, {**data, "reports": [r for r in data["reports"] if "error" not in r]}, args.plot)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

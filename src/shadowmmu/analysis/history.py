@@ -88,7 +88,8 @@ def _row(quantity: str, model, published: str, source: str, rests_on: str, why: 
 
 def history_predictions(preset_name: str = "p4-2006", size=None, seed: int = 0, progress=None) -> list[dict]:
     """The table of ``compare --history``: predicted vs published, one row per figure.  A row
-    whose runs fail (a memory check, a guest crash) says so instead of a number."""
+    whose runs fail (a memory check, a guest crash) says so instead of a number.  The rows run
+    each workload at its default size, kbuild at ``size`` (as the seed's prediction does)."""
     from ..guest.user import MemoryCheckError
     from ..vm.vcpu import GuestCrash
     rows: list[dict] = []
