@@ -251,3 +251,28 @@ def test_a_failed_run_is_a_row_that_says_so(monkeypatch, capsys):
     # the default table has no such rows: a failure there is an error
     with pytest.raises(MemoryCheckError):
         main(["compare", "demand", "--guest", "64", "--size", "16", "--frames", "warm"])
+
+
+def _reasons_counted_in_the_source() -> set:
+    """Every exit reason the VM code can count: PfResult's, and every literal reason passed to
+    ``events.exit(...)`` / ``exit_line(...)`` or used as ``exits["..."]`` in src/ (a reason added
+    anywhere without a price must fail here, not be priced as another)."""
+    import re
+    from shadowmmu.mmu.fault import PfResult
+    root = Path(__file__).resolve().parents[1] / "src" / "shadowmmu"
+    found = {r.exit_reason for r in PfResult}
+    pat = re.compile(r'(?:exits\[|\.exit\(|exit_line\()\s*"([a-z_]+)"')
+    for path in root.rglob("*.py"):
+        if "analysis" in path.parts:
+            continue
+        found |= set(pat.findall(path.read_text()))
+    return found
+
+
+def test_every_reason_the_code_counts_is_in_the_price_lists():
+    counted = _reasons_counted_in_the_source()
+    assert {"pf_fixed", "pf_injected", "pte_write", "cr_access", "invlpg"} <= counted   # the scan works
+    assert counted <= set(EXIT_REASONS) | {"ept_violation"}, counted - set(EXIT_REASONS)
+    for preset in PRESETS.values():
+        for reason in counted:
+            assert preset.exit_cost(reason) > 0 and reason in preset.basis, (preset.name, reason)
