@@ -114,12 +114,9 @@ class FaultPath:
         st = vcpu.mmu_state
         base = st.base_role
         glevels = base.glevels
-        if glevels >= 4:
-            sp, level = st.roots[0], glevels
-        else:
-            sp, level = st.roots[(vaddr >> 30) & 3], 2
-            if sp is None:
-                raise MMUError("guest walk succeeded through a PDPTE that has no shadow root")
+        sp, level = self.root_for(st, vaddr)
+        if sp is None:
+            raise MMUError("guest walk succeeded through a PDPTE that has no shadow root")
         gpage_level = _GUEST_PAGE_LEVEL[walk.page_shift]
         while level > 1:
             idx = (vaddr >> (12 + 9 * (level - 1))) & 511

@@ -161,6 +161,14 @@ class Roots:
             return PF_P, PF_P, True
         return PF_P | PF_ID, 0, False
 
+    @staticmethod
+    def root_for(st: VcpuMmuState, vaddr: int) -> tuple[ShadowPage | None, int]:
+        """The root page a vCPU's walk of vaddr starts at, and its level: the one root
+        of a 4/5-level guest, else the PAE-format root of vaddr's 1 GB quarter."""
+        if st.glevels >= 4:
+            return st.roots[0], st.glevels
+        return st.roots[(vaddr >> 30) & 3], 2
+
     def invlpg(self, vcpu, vaddr: int) -> None:
         """2007: nothing to do.  Write protection keeps every spte in sync with its
         guest pte, so a guest INVLPG only has to reach the hardware TLB.  Under

@@ -41,6 +41,7 @@ from ..x86.bits import ACC_USER, ACC_WRITE, R_U, mask
 from ..x86.cpu import access_index
 from ..x86.tlb import Tlb
 from ..x86.walker import _pkey_denies, translate
+from .dirty_log import DirtyLog
 from .policy import MmuPolicy
 
 EPT_R, EPT_W, EPT_X = 1, 2, 4
@@ -477,12 +478,7 @@ class TdpMMU:
                         view[idx] &= ~EPT_D
         return out
 
-    def mark_dirty(self, gfn: int) -> None:
-        if not self.dirty_logging:
-            return
-        s = self.gmem.slot_of(gfn)
-        if s is not None and s.dirty_bitmap is not None:
-            s.dirty_bitmap[gfn - s.base_gfn] = 1
+    mark_dirty = DirtyLog.mark_dirty          # the same bitmap as the shadow MMU's
 
     def enable_dirty_log(self, slot) -> None:
         """Start logging: clear D in the slot's EPT leaves, flush every TLB (a cached

@@ -129,12 +129,7 @@ class OutOfSync:
         its leaf spte lives in an unsync page, re-derive it from the guest pte."""
         if vcpu.mmu_roots_invalid:
             return                              # the reload resyncs everything reachable
-        st = vcpu.mmu_state
-        glevels = st.glevels
-        if glevels >= 4:
-            sp, level = st.roots[0], glevels
-        else:
-            sp, level = st.roots[(vaddr >> 30) & 3], 2
+        sp, level = self.root_for(vcpu.mmu_state, vaddr)
         while sp is not None and level > 1:
             spte = sp.spt[(vaddr >> (12 + 9 * (level - 1))) & 511]
             if not spte & SPTE_P or spte == SPTE_TRAP:
