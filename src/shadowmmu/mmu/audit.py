@@ -280,3 +280,31 @@ def _audit_tlb(mmu, vcpu) -> None:
         rights = t.rights
         if t.paddr & ~0xFFF != e[0] or e[1] & ~rights or (e[2] and not t.dirty):
             raise AuditError(f"TLB entry for {va:#x} disagrees with the shadow tables (missed flush)")
+
+
+def install_audit_points(mmu, audit_arg, entry_points: tuple[str, ...]) -> None:
+    """KVM's mmu_audit.c points: ``audit(mmu)`` after each call of the named methods of
+    this instance -- every call (True), every Nth (an int N > 1), none (False); None takes
+    the class's ``audit_by_default`` (the test suite turns it on).  Only this instance is
+    wrapped, so an unaudited MMU pays nothing; ``mmu.audit_points`` counts the calls."""
+    every = type(mmu).audit_by_default if audit_arg is None else audit_arg
+    if isinstance(every, bool):
+        every = int(every)
+    elif not isinstance(every, int) or every < 2:
+        raise ValueError(f"audit must be True, False or an interval of at least 2, got {every!r}")
+    mmu.audit_points = 0
+    if not every:
+        return
+
+    def audited(method):
+        def run(*args):
+            result = method(*args)
+            mmu.audit_points += 1
+            if mmu.audit_points % every == 0:
+                audit(mmu)
+            return result
+        run.__doc__ = method.__doc__
+        return run
+
+    for name in entry_points:
+        setattr(mmu, name, audited(getattr(mmu, name)))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from .audit import install_audit_points
 from .dirty_log import DirtyLog
 from .fault import FaultPath, PfResult
 from .page_cache import MMUError, PageCache
@@ -88,33 +89,7 @@ class ShadowMMU(PageCache, DirtyLog, Roots, FaultPath, PteWrites, OutOfSync):
                       "unshadowed_user_write": 0, "tlb_flushes": 0, "pte_updates": 0, "pte_zaps": 0,
                       "misaligned_zaps": 0, "prefetched": 0, "unsync_pages": 0, "synced_pages": 0,
                       "resynced_ptes": 0, "unsync_zapped": 0}
-        every = self.audit_by_default if audit is None else audit
-        if isinstance(every, bool):
-            every = int(every)
-        elif not isinstance(every, int) or every < 2:
-            raise ValueError(f"audit must be True, False or an interval of at least 2, got {every!r}")
-        self.audit_points = 0                # audit points passed (counted only when auditing)
-        if every:
-            self._install_audit_points(every)
-
-    def _install_audit_points(self, every: int) -> None:
-        """Wrap the three entry points with an audit after each (on this instance
-        only: an unaudited MMU pays nothing)."""
-        from .audit import audit
-
-        def audited(method):
-            def run(*args):
-                result = method(*args)
-                self.audit_points += 1
-                if self.audit_points % every == 0:
-                    audit(self)
-                return result
-            run.__doc__ = method.__doc__
-            return run
-
-        self.page_fault = audited(self.page_fault)
-        self.emulated_write = audited(self.emulated_write)
-        self.reload_roots = audited(self.reload_roots)
+        install_audit_points(self, audit, ("page_fault", "emulated_write", "reload_roots"))
 
 
 __all__ = ["ShadowMMU", "PfResult", "MMUError", "POLICIES", "FLOOD_THRESHOLD", "VcpuMmuState"]

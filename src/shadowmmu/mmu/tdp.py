@@ -41,6 +41,7 @@ from ..x86.bits import ACC_USER, ACC_WRITE, R_U, mask
 from ..x86.cpu import access_index
 from ..x86.tlb import Tlb
 from ..x86.walker import _pkey_denies, translate
+from .audit import install_audit_points
 from .dirty_log import DirtyLog
 from .policy import MmuPolicy
 
@@ -195,14 +196,7 @@ class TdpMMU:
         self.tables: dict[int, tuple[int, int, memoryview]] = {}
         self.root_hpfn = self._new_table(EPT_LEVELS, 0)
         self.root = self.tables[self.root_hpfn][2]
-        every = self.audit_by_default if audit is None else audit
-        if isinstance(every, bool):
-            every = int(every)
-        elif not isinstance(every, int) or every < 2:
-            raise ValueError(f"audit must be True, False or an interval of at least 2, got {every!r}")
-        self.audit_points = 0
-        if every:
-            self._install_audit_points(every)
+        install_audit_points(self, audit, ("ept_violation", "emulated_write", "get_dirty_log"))
 
     # ------------------------------------------------------------------ stats
     @property
@@ -220,22 +214,6 @@ class TdpMMU:
         """Memory references per complete 2-D walk (None before the first)."""
         return self.complete_refs / self.complete_walks if self.complete_walks else None
 
-    def _install_audit_points(self, every: int) -> None:
-        from .tdp_audit import audit_tdp
-
-        def audited(method):
-            def run(*args):
-                result = method(*args)
-                self.audit_points += 1
-                if self.audit_points % every == 0:
-                    audit_tdp(self)
-                return result
-            run.__doc__ = method.__doc__
-            return run
-
-        self.ept_violation = audited(self.ept_violation)
-        self.emulated_write = audited(self.emulated_write)
-        self.get_dirty_log = audited(self.get_dirty_log)
 
     # ---------------------------------------------------------------- vCPUs
     def attach(self, vcpu) -> None:
