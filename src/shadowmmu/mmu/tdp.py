@@ -214,7 +214,6 @@ class TdpMMU:
         """Memory references per complete 2-D walk (None before the first)."""
         return self.complete_refs / self.complete_walks if self.complete_walks else None
 
-
     # ---------------------------------------------------------------- vCPUs
     def attach(self, vcpu) -> None:
         """A vCPU joins: it gets the combined TLB."""
