@@ -206,7 +206,6 @@ def test_history_rows_price_the_runs_exit_counts(monkeypatch):
     import shadowmmu.analysis.history as h
     monkeypatch.setattr(h, "simulate", _fake_simulate)
     monkeypatch.setattr(h, "calibration", lambda g, p, *a: {"work_per_access": 100.0})
-    monkeypatch.setattr(h, "available", lambda p: True)
     rows = {r["quantity"].split(",")[0] + str(i): r for i, r in enumerate(h.history_predictions("p4-2006"))}
     rows = list(rows.values())
     assert rows[0]["model_text"] == "3 -> 2 -> 1 -> 0.60 -> 1.50 -> 0"

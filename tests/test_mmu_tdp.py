@@ -19,6 +19,8 @@ from shadowmmu.verify.choosers import RandomChooser
 from shadowmmu.vm import VM
 from shadowmmu.x86.bits import CR0_PG
 
+from test_mmu_features import Device         # an MMIO register page that logs its accesses
+
 P, W, U, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
 FORMATS = ("32", "pae", "64", "la57")
 
@@ -162,25 +164,19 @@ def test_cr3_loads_and_invlpg_do_not_exit_cr0_and_cr4_writes_do():
     assert vm.exits["cr_access"] == before["cr_access"] + 2
 
 
-class Device:
-    def __init__(self):
-        self.log = []
-
-    def read(self, gpa, size):
-        self.log.append(("r", gpa, size))
-        return 0xAB
-
-    def write(self, gpa, size, value):
-        self.log.append(("w", gpa, size, value))
-
-
-def test_mmio_accesses_reach_the_device_every_time_and_exit_every_time():
+def mmio_world():
+    """A tdp VM whose 64-bit guest maps gva 0x7000_0000 to a device's register page."""
     vm = VM(16 << 20, policy="tdp")
     dev = Device()
     vm.add_mmio(0xFEE00000, 0x1000, dev)
     g = MiniGuest(vm, "64")
     v = vm.vcpu
     v.store(g.pte_addr(0x7000_0000), 0xFEE00000 | 0x63, 8)
+    return vm, dev, v, g
+
+
+def test_mmio_accesses_reach_the_device_every_time_and_exit_every_time():
+    vm, dev, v, g = mmio_world()
     before = dict(vm.exits)
     for _ in range(3):
         assert v.load(0x7000_0010, 4) == 0xAB
@@ -457,12 +453,7 @@ def test_a_translation_to_a_gpa_without_memory_stays_cached_as_natively():
 
 
 def test_an_mmio_translation_is_cached_exits_every_time_and_goes_with_invlpg():
-    vm = VM(16 << 20, policy="tdp")
-    dev = Device()
-    vm.add_mmio(0xFEE00000, 0x1000, dev)
-    g = MiniGuest(vm, "64")
-    v = vm.vcpu
-    v.store(g.pte_addr(0x7000_0000), 0xFEE00000 | 0x63, 8)
+    vm, dev, v, g = mmio_world()
     v.load(0x7000_0010, 4)
     misses, mmio = vm.mmu.stats["tlb_misses"], vm.exits["mmio"]
     assert v.load(0x7000_0018, 4) == 0xAB               # no walk, one exit

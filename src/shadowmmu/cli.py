@@ -109,11 +109,10 @@ def cmd_bench(args) -> int:
         return 0
     if args.what == "mmu":
         from .analysis.bench_mmu import HISTORY, POLICIES, bench_mmu
-        from .analysis.history import available
         from .analysis.report import check_policy
         try:
             policies = [check_policy(p) for p in args.policies] if args.policies else \
-                [p for p in HISTORY if available(p)] if args.history else list(POLICIES)
+                list(HISTORY) if args.history else list(POLICIES)
         except ValueError as e:
             raise UsageError(f"--policies: {e}") from None
         for guest in args.guest:
@@ -132,7 +131,7 @@ def cmd_bench(args) -> int:
                 order = [k for k, _ in REASON_CODES]
                 cells = [f"{by[k]:,}{c}" for k, c in REASON_CODES if by.get(k)]
                 other = sum(n for k, n in by.items() if k not in order)
-                label = r["policy"] if r["policy"] == "native" else parse_policy(r["policy"]).label
+                label = _policy_label(r)
                 t.add_row(label, f"{r['demand_faults_per_s']:,.0f}", f"{r['exits_per_fault']:.2f}",
                           " ".join(cells + ([f"{other:,}o"] if other else [])) or "-",
                           f"{r['tlb_hit_per_s']:,.0f}", f"{r['tlb_miss_per_s']:,.0f}")
@@ -583,7 +582,6 @@ def compare_policies(args) -> list[tuple[str, int | None]]:
     --policies, or --history; tdp runs twice, at the model's TLB reach and a real one
     (a modelling choice that changes its figure: both values are shown)."""
     from .analysis.costs import MODEL_TLB_ENTRIES, REAL_TLB_ENTRIES
-    from .analysis.history import available
     from .analysis.report import HISTORY, POLICIES, check_policy, is_tdp
     if getattr(args, "policies", None):
         try:
@@ -591,7 +589,7 @@ def compare_policies(args) -> list[tuple[str, int | None]]:
         except ValueError as e:
             raise UsageError(f"--policies: {e}") from None
     elif getattr(args, "history", False):
-        names = [check_policy(p) for p in HISTORY if p != "tdp" or available("tdp")]
+        names = [check_policy(p) for p in HISTORY]
     else:
         names = [*POLICIES, "update+prefetch"] if getattr(args, "prefetch", False) else list(POLICIES)
     if getattr(args, "policies", None) and getattr(args, "prefetch", False) and "update+prefetch" not in names:
@@ -605,18 +603,11 @@ def compare_policies(args) -> list[tuple[str, int | None]]:
     return out
 
 
-def _run_failures() -> tuple:
-    from .guest.user import MemoryCheckError
-    from .vm.vcpu import GuestCrash
-    return (MemoryCheckError, GuestCrash)
-
-
-RUN_FAILURES = _run_failures()
-
-
 def compare_data(args, progress_cb=None) -> dict:
     """The reports and predictions of ``compare`` (also what --json prints)."""
     from .analysis.report import SCHEMA, prediction, run_report
+    from .guest.user import MemoryCheckError
+    from .vm.vcpu import GuestCrash
     workloads = args.workloads
     guests = args.guest
     policies = compare_policies(args)
@@ -629,7 +620,7 @@ def compare_data(args, progress_cb=None) -> dict:
         try:
             reports.append(run_report(w, p, g, args.size, args.seed, args.costs, frames=fr,
                                       pae_stores=args.pae_stores, tlb_entries=tlb))
-        except RUN_FAILURES as e:
+        except (MemoryCheckError, GuestCrash) as e:
             if not many:
                 raise
             # a policy whose run fails (the guest read back the wrong data, or crashed) is a row
@@ -818,7 +809,7 @@ def _policy_label(r: dict) -> str:
     if r["policy"] == "native":
         return "native"
     spec = parse_policy(r["policy"])
-    return f"tdp, TLB {r['tlb_entries']:,}" if spec.tdp else spec.label
+    return f"tdp, TLB {r['tlb_entries']:,}" if spec.tdp and r.get("tlb_entries") else spec.label
 
 
 def _policies_table(data: dict, args, console) -> None:

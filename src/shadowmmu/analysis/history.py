@@ -106,7 +106,6 @@ def _row_makers(preset_name: str, size, seed: int):
     """(quantity, published, source, function making the row) for every row, in order."""
     preset = get_preset(preset_name)
     modern = get_preset("modern")
-    tdp = available("tdp")
 
     def run(w, pol, g="64", tlb=None):
         return simulate(w, pol, g, size if w == "kbuild" else None, seed, tlb_entries=tlb)
@@ -128,7 +127,7 @@ def _row_makers(preset_name: str, size, seed: int):
          "3 -> 2 -> 1 -> ? -> ? -> 0 (EPT: no exit once the frame is mapped)",
          "seed commit 0028425f64; KVM c7addb902054 (bypass, Sep 2007)")
     def _(q, pub, src):
-        steady = {pol: _steady(run("demand", pol)) if pol != "tdp" or tdp else "n/a" for pol in CHAIN}
+        steady = {pol: _steady(run("demand", pol)) for pol in CHAIN}
         return _row(q, None, pub, src, "counted, not priced", model_text=" -> ".join(steady.values()),
                     values=steady)
 
@@ -182,66 +181,61 @@ def _row_makers(preset_name: str, size, seed: int):
                 ("kernel build, shadow (modern) / EPT (tdp) time", "about 1.83x", "KVM mailing list, 2011"),
                 ("2-D walk: memory references per TLB miss, 4-level guest on 4-level EPT",
                  "24; 3.9-4.6x a native walk's latency", "Bhargava et al., ASPLOS 2008"))
-    if not tdp:
-        for q, pub, src in tdp_rows:
-            out.append((q, pub, src, lambda q=q, pub=pub, src=src: _row(
-                q, None, pub, src, "the tdp policy", "the tdp MMU is not in this build")))
-    else:
-        wm = w_of("64", "modern")
-        reaches = (MODEL_TLB_ENTRIES, REAL_TLB_ENTRIES)
+    wm = w_of("64", "modern")
+    reaches = (MODEL_TLB_ENTRIES, REAL_TLB_ENTRIES)
 
-        @row(*tdp_rows[0])
-        def _(q, pub, src):
-            f_sm, f_td = fault_us(run("demand", SHADOW_NOW), modern), fault_us(run("demand", "tdp"), modern)
-            return _row(q, f_sm / f_td if f_sm and f_td else None, pub + " (6.2x)", src,
-                        "modern prices (0.78 µs a fault exit, 0.15 µs a guest #PF: from this very figure, "
-                        "assuming one exit per shadow fault)",
-                        "the row checks the exit count per fault: PVM's shadow fault is taken as one exit, the "
-                        "model's modern policy takes what the policies table shows",
-                        unit="ratio", model_text=f"{_us(f_sm)} vs {_us(f_td)} µs: {f_sm / f_td:.1f}x",
-                        values={"shadow_us": f_sm, "tdp_us": f_td})
+    @row(*tdp_rows[0])
+    def _(q, pub, src):
+        f_sm, f_td = fault_us(run("demand", SHADOW_NOW), modern), fault_us(run("demand", "tdp"), modern)
+        return _row(q, f_sm / f_td if f_sm and f_td else None, pub + " (6.2x)", src,
+                    "modern prices (0.78 µs a fault exit, 0.15 µs a guest #PF: from this very figure, "
+                    "assuming one exit per shadow fault)",
+                    "the row checks the exit count per fault: PVM's shadow fault is taken as one exit, the "
+                    "model's modern policy takes what the policies table shows",
+                    unit="ratio", model_text=f"{_us(f_sm)} vs {_us(f_td)} µs: {f_sm / f_td:.1f}x",
+                    values={"shadow_us": f_sm, "tdp_us": f_td})
 
-        @row(*tdp_rows[1])
-        def _(q, pub, src):
-            per = {t: per_op_us(run("fork", "tdp", tlb=t), "64", modern, wm) for t in reaches}
-            sm = per_op_us(run("fork", SHADOW_NOW), "64", modern, wm)
-            ratio = {t: sm / v for t, v in per.items()}
-            return _row(q, ratio[REAL_TLB_ENTRIES], pub + " (6.2x)", src,
-                        "modern prices; work per access fitted on kbuild (not on fork); tdp at two TLB reaches",
-                        "the model's fork is small (a parent with a 16-page heap, no kernel work but page tables): "
-                        "compare the ratio, not the µs",
-                        {f"tlb_{t}": v for t, v in ratio.items()}, unit="ratio",
-                        model_text=f"{sm:.1f} vs {per[MODEL_TLB_ENTRIES]:.2f} (TLB {MODEL_TLB_ENTRIES:,}) / "
-                                   f"{per[REAL_TLB_ENTRIES]:.2f} (TLB {REAL_TLB_ENTRIES:,}) µs: "
-                                   f"{ratio[MODEL_TLB_ENTRIES]:.0f}x / {ratio[REAL_TLB_ENTRIES]:.0f}x",
-                        values={"shadow_us": sm, **{f"tdp_us_tlb_{t}": v for t, v in per.items()}})
+    @row(*tdp_rows[1])
+    def _(q, pub, src):
+        per = {t: per_op_us(run("fork", "tdp", tlb=t), "64", modern, wm) for t in reaches}
+        sm = per_op_us(run("fork", SHADOW_NOW), "64", modern, wm)
+        ratio = {t: sm / v for t, v in per.items()}
+        return _row(q, ratio[REAL_TLB_ENTRIES], pub + " (6.2x)", src,
+                    "modern prices; work per access fitted on kbuild (not on fork); tdp at two TLB reaches",
+                    "the model's fork is small (a parent with a 16-page heap, no kernel work but page tables): "
+                    "compare the ratio, not the µs",
+                    {f"tlb_{t}": v for t, v in ratio.items()}, unit="ratio",
+                    model_text=f"{sm:.1f} vs {per[MODEL_TLB_ENTRIES]:.2f} (TLB {MODEL_TLB_ENTRIES:,}) / "
+                               f"{per[REAL_TLB_ENTRIES]:.2f} (TLB {REAL_TLB_ENTRIES:,}) µs: "
+                               f"{ratio[MODEL_TLB_ENTRIES]:.0f}x / {ratio[REAL_TLB_ENTRIES]:.0f}x",
+                    values={"shadow_us": sm, **{f"tdp_us_tlb_{t}": v for t, v in per.items()}})
 
-        @row(*tdp_rows[2])
-        def _(q, pub, src):
-            t_sm = run_cycles(run("kbuild", SHADOW_NOW), "64", modern, wm)
-            ratio = {t: t_sm / run_cycles(run("kbuild", "tdp", tlb=t), "64", modern, wm) for t in reaches}
-            wsens = {f"walk_ref_{v}_tlb_{REAL_TLB_ENTRIES}":
-                     t_sm / run_cycles(run("kbuild", "tdp", tlb=REAL_TLB_ENTRIES), "64",
-                                       with_prices(modern, walk_ref=v), wm)
-                     for v in WALK_REF_RANGE if v != modern.walk_ref}
-            return _row(q, ratio[REAL_TLB_ENTRIES], pub, src,
-                        f"modern prices; page-walk reference {modern.walk_ref:g} cycles (ASSUMPTION); TLB reach",
-                        "today's prices (PVM, 2023) for a 2011 figure; no caches: a 2-D walk is priced per "
-                        "reference, 6x a native walk where [BSSM08] measured 3.9-4.6x; one vCPU",
-                        {**{f"tlb_{t}": v for t, v in ratio.items()}, **wsens}, unit="ratio",
-                        model_text=f"{ratio[MODEL_TLB_ENTRIES]:.2f}x (TLB {MODEL_TLB_ENTRIES:,}) / "
-                                   f"{ratio[REAL_TLB_ENTRIES]:.2f}x (TLB {REAL_TLB_ENTRIES:,})")
+    @row(*tdp_rows[2])
+    def _(q, pub, src):
+        t_sm = run_cycles(run("kbuild", SHADOW_NOW), "64", modern, wm)
+        ratio = {t: t_sm / run_cycles(run("kbuild", "tdp", tlb=t), "64", modern, wm) for t in reaches}
+        wsens = {f"walk_ref_{v}_tlb_{REAL_TLB_ENTRIES}":
+                 t_sm / run_cycles(run("kbuild", "tdp", tlb=REAL_TLB_ENTRIES), "64",
+                                   with_prices(modern, walk_ref=v), wm)
+                 for v in WALK_REF_RANGE if v != modern.walk_ref}
+        return _row(q, ratio[REAL_TLB_ENTRIES], pub, src,
+                    f"modern prices; page-walk reference {modern.walk_ref:g} cycles (ASSUMPTION); TLB reach",
+                    "today's prices (PVM, 2023) for a 2011 figure; no caches: a 2-D walk is priced per "
+                    "reference, 6x a native walk where [BSSM08] measured 3.9-4.6x; one vCPU",
+                    {**{f"tlb_{t}": v for t, v in ratio.items()}, **wsens}, unit="ratio",
+                    model_text=f"{ratio[MODEL_TLB_ENTRIES]:.2f}x (TLB {MODEL_TLB_ENTRIES:,}) / "
+                               f"{ratio[REAL_TLB_ENTRIES]:.2f}x (TLB {REAL_TLB_ENTRIES:,})")
 
-        @row(*tdp_rows[3])
-        def _(q, pub, src):
-            stats = run("kbuild", "tdp").get("mmu_stats_during_workload") or {}
-            n = GUEST_WALK_LEVELS["64"]
-            measured = (stats["complete_walk_refs"] / stats["complete_walks"]) if stats.get("complete_walks") else None
-            return _row(q, measured, pub, src, "the tdp MMU's walk counters: references per walk that ended in a "
-                        "translation (a walk an EPT violation cut short reads fewer)",
-                        f"the model prices each reference alike: a 2-D walk costs {walk_refs_2d(n) / n:.0f}x a "
-                        f"native walk ({walk_refs_2d(n)} / {n}), more than the measured 3.9-4.6x (page-walk "
-                        "caches)", unit="refs")
+    @row(*tdp_rows[3])
+    def _(q, pub, src):
+        stats = run("kbuild", "tdp").get("mmu_stats_during_workload") or {}
+        n = GUEST_WALK_LEVELS["64"]
+        measured = (stats["complete_walk_refs"] / stats["complete_walks"]) if stats.get("complete_walks") else None
+        return _row(q, measured, pub, src, "the tdp MMU's walk counters: references per walk that ended in a "
+                    "translation (a walk an EPT violation cut short reads fewer)",
+                    f"the model prices each reference alike: a 2-D walk costs {walk_refs_2d(n) / n:.0f}x a "
+                    f"native walk ({walk_refs_2d(n)} / {n}), more than the measured 3.9-4.6x (page-walk "
+                    "caches)", unit="refs")
 
     # --- the question: what is left of the seed's saving ------------------------------------------
     @row("share of update's kbuild saving over zap left with unsync / unsync+prefetch (64-bit)",
@@ -268,16 +262,6 @@ UNSYNC_WHY = ("one vCPU: the emulated pte writes unsync removes cost no remote T
 FORK_WHY = ("the model's lat_proc parent maps few pages (a 16-page heap): fork write-protects few ptes, the writes "
             "unsync turns into plain stores; and the parent's tables are resynced and write-protected at every CR3 "
             "load, so each fork pays one fault to take them out of sync again")
-
-
-def available(policy: str) -> bool:
-    """Whether this build's VM runs ``policy`` (the tdp MMU is a later addition)."""
-    from ..vm import VM
-    try:
-        VM(16 << 20, policy=policy, pool_pages=64)
-    except (ValueError, NotImplementedError, TypeError):
-        return False
-    return True
 
 
 def _steady(run: dict) -> str:
